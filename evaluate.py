@@ -1,0 +1,72 @@
+"""Evaluate a zoo checkpoint: ``python evaluate.py ckpt_path=PATH [data=NAME] [explain=true explain_dir=DIR]``
+
+The net, its class names and its preprocessing come from the checkpoint; the data from ``cfg.data``.
+Writes the same flat ``metrics.json`` as train.py, and PNG attention overlays with ``explain=true``.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from train import build_loggers, container
+from zoo.errors import ZooError
+from zoo.runner import flat_metrics, load_task, prepare_data, print_metrics_table, write_metrics
+
+log = logging.getLogger("zoo.evaluate")
+
+
+def explain(task, dm, out_dir: str, max_images: int) -> list[Path]:
+    """Write PNG overlays of ``net.attention_maps`` for the first test images."""
+    from zoo.explain import denormalize, save_attention_maps
+
+    net = task.net.eval()
+    if not hasattr(net, "attention_maps"):
+        raise ZooError(f"{task.hparams.model['name']} defines no attention_maps(x); explain=true needs one")
+    x = next(iter(dm.test_dataloader()))[0][:max_images]
+    with torch.no_grad():
+        maps = net.attention_maps(x)
+    images = denormalize(x, dm.mean, dm.std) if x.ndim == 4 else x
+    return save_attention_maps(images, maps, out_dir, prefix=task.hparams.model["name"], max_images=max_images)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    task = load_task(cfg.ckpt_path)
+    info = task.hparams.data_info or {}
+    dm = instantiate(cfg.data)
+    prepare_data(dm, task.hparams.model["name"], img_size=info.get("img_size"), mean=info.get("mean"), std=info.get("std"))
+    if dm.num_classes != task.num_classes:
+        raise ZooError(f"the checkpoint has {task.num_classes} classes but data '{cfg.data.dataset}' has "
+                       f"{dm.num_classes}; evaluate on the data it was trained for")
+    trainer = L.Trainer(**container(cfg.trainer), logger=build_loggers(cfg) or False,
+                        callbacks=[L.pytorch.callbacks.RichProgressBar()], default_root_dir=str(out_dir))
+    metrics = flat_metrics(trainer.test(task, datamodule=dm, verbose=False))
+    write_metrics(metrics, out_dir / "metrics.json", cfg.get("metrics_file"))
+    if trainer.is_global_zero:
+        print_metrics_table(metrics, title=f"{task.hparams.model['name']} ({Path(cfg.ckpt_path).name}): test metrics")
+        if cfg.get("explain"):
+            paths = explain(task, dm, cfg.explain_dir, cfg.explain_images)
+            log.info("wrote %d attention-map PNGs to %s", len(paths), cfg.explain_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    try:
+        evaluate(cfg)
+    except ZooError as e:
+        log.error("%s", e)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Attention Zoo: attention-based vision architectures behind one registry.
+
+>>> import zoo
+>>> net = zoo.create_model("halonet_tiny", num_classes=10)
+>>> zoo.list_models("halo*")
+"""
+from .errors import (
+    DatasetNotFoundError,
+    DataFormatError,
+    DuplicateModelError,
+    InputSizeError,
+    TaskMismatchError,
+    UnknownModelError,
+    WeightsError,
+    ZooError,
+)
+from .registry import ModelSpec, create_model, get_spec, list_models, model_info, register_model
+
+__all__ = [
+    "create_model", "list_models", "model_info", "register_model", "get_spec", "ModelSpec",
+    "ZooError", "UnknownModelError", "DuplicateModelError", "InputSizeError", "TaskMismatchError",
+    "DatasetNotFoundError", "DataFormatError", "WeightsError",
+]
+__version__ = "0.1.0"

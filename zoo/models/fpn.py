@@ -1,0 +1,95 @@
+"""A small Semantic-FPN segmenter on any timm ``features_only`` encoder: the segmentation baseline.
+
+Lateral 1x1 convs and a top-down pathway (Lin et al., FPN, CVPR 2017), each level refined by a
+3x3 conv-BN-ReLU, upsampled to the finest level and summed (Kirillov et al., Panoptic FPN, CVPR 2019),
+then a 1x1 classifier and bilinear upsampling to the input size. Later segmenters in the zoo are
+measured against it.
+"""
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import register_model
+
+PAPER = "Kirillov et al., Panoptic Feature Pyramid Networks, CVPR 2019 (semantic FPN branch)"
+
+
+def conv_bn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class FPNDecoder(nn.Module):
+    """Feature pyramid -> one map at the finest stride with ``channels`` channels."""
+
+    def __init__(self, in_channels: list[int], channels: int = 128):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        self.smooth = nn.ModuleList(conv_bn_relu(channels, channels) for _ in in_channels)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        x = self.lateral[-1](feats[-1])
+        outs = [self.smooth[-1](x)]
+        for i in range(len(feats) - 2, -1, -1):
+            x = self.lateral[i](feats[i]) + F.interpolate(x, size=feats[i].shape[-2:], mode="nearest")
+            outs.append(self.smooth[i](x))
+        size = outs[-1].shape[-2:]
+        return sum(F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs)
+
+
+class FPNSegmenter(nn.Module):
+    """``forward(x [B, C, H, W]) -> logits [B, num_classes, H, W]``."""
+
+    def __init__(
+        self,
+        *,
+        encoder: str = "resnet18",
+        num_classes: int = 21,
+        in_chans: int = 3,
+        pretrained_encoder: bool = False,
+        decoder_channels: int = 128,
+        out_indices: tuple[int, ...] = (1, 2, 3, 4),
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.encoder = timm.create_model(
+            encoder, features_only=True, out_indices=tuple(out_indices), pretrained=pretrained_encoder, in_chans=in_chans
+        )
+        self.decoder = FPNDecoder(self.encoder.feature_info.channels(), decoder_channels)
+        self.head = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(decoder_channels, num_classes, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.decoder(self.encoder(x)))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def freeze_backbone(self) -> None:
+        self.encoder.requires_grad_(False)
+
+
+def _fpn(encoder: str, pretrained: bool, **kwargs) -> FPNSegmenter:
+    return FPNSegmenter(encoder=encoder, pretrained_encoder=pretrained, **kwargs)
+
+
+_SPEC = dict(task="segmentation", paper=PAPER, size_divisor=32)
+
+
+@register_model(input_size=(3, 512, 512), source="zoo (timm resnet50 features_only + semantic FPN)", **_SPEC)
+def fpn_resnet50(pretrained: bool = False, **kwargs) -> FPNSegmenter:
+    return _fpn("resnet50", pretrained, **kwargs)
+
+
+@register_model(input_size=(3, 256, 256), source="zoo (timm resnet18 features_only + semantic FPN)", **_SPEC)
+def fpn_resnet18(pretrained: bool = False, **kwargs) -> FPNSegmenter:
+    return _fpn("resnet18", pretrained, **kwargs)
+
+
+@register_model(input_size=(3, 64, 64), source="zoo (timm resnet10t features_only + 64-ch semantic FPN)", **_SPEC)
+def fpn_tiny(pretrained: bool = False, **kwargs) -> FPNSegmenter:
+    kwargs.setdefault("decoder_channels", 64)
+    return _fpn("resnet10t", pretrained, **kwargs)

@@ -1,0 +1,116 @@
+"""The steps train.py and evaluate.py share, free of Hydra: plain dicts in, Lightning objects out."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import TaskMismatchError, WeightsError
+from .registry import create_model, get_spec
+from .tasks import TASKS, ZooTask
+from .weights import extract_state_dict, load_into, safe_load
+
+
+def prepare_data(dm: Any, model_name: str, img_size: int | None = None, mean=None, std=None) -> None:
+    """Check the model fits the data (task, input size), fill image size / mean / std from the spec, set up."""
+    spec = get_spec(model_name)
+    if spec.task != dm.task:
+        raise TaskMismatchError(
+            f"model {model_name!r} is a {spec.task} model but data '{getattr(dm, 'dataset', type(dm).__name__)}' "
+            f"is a {dm.task} dataset. Pick a {dm.task} model (`python -m zoo list --task {dm.task}`) "
+            f"or {spec.task} data."
+        )
+    if img_size is not None and getattr(dm, "img_size", None) is None:
+        dm.img_size = img_size
+    if mean is not None and getattr(dm, "mean", None) is None:
+        dm.mean, dm.std = list(mean), list(std)
+    dm.configure_for_model(spec.input_size, spec.mean, spec.std)
+    if spec.task != "mil":
+        spec.check_input_size(dm.img_size)
+    dm.setup("fit")
+
+
+def data_info(dm: Any) -> dict:
+    """What a checkpoint must remember of the data to preprocess the same way later."""
+    return {
+        "dataset": getattr(dm, "dataset", None) or dm.hparams.get("dataset"),
+        "img_size": getattr(dm, "img_size", None),
+        "mean": list(dm.mean) if getattr(dm, "mean", None) is not None else None,
+        "std": list(dm.std) if getattr(dm, "std", None) is not None else None,
+        "class_names": list(dm.class_names),
+    }
+
+
+def init_from_checkpoint(net: nn.Module, path: str) -> list[str]:
+    """Copy weights from a zoo (Lightning) checkpoint; a head of another class count is re-initialised."""
+    return load_into(net, extract_state_dict(safe_load(path)), source=path)
+
+
+def build_task(model_cfg: dict, dm: Any, optim: dict | None = None, init_from: str | None = None) -> ZooTask:
+    """Create the net the config names, sized for ``dm``, and wrap it in its task's LightningModule."""
+    name = model_cfg["name"]
+    kwargs = {**dict(model_cfg.get("kwargs") or {}), **dm.model_kwargs()}
+    net = create_model(
+        name,
+        pretrained=bool(model_cfg.get("pretrained", False)),
+        pretrained_file=model_cfg.get("pretrained_file"),
+        num_classes=dm.num_classes,
+        **kwargs,
+    )
+    if init_from:
+        init_from_checkpoint(net, init_from)
+    task_cls = TASKS[get_spec(name).task]
+    return task_cls(
+        net,
+        model={"name": name, "kwargs": kwargs},
+        num_classes=dm.num_classes,
+        optim=optim,
+        data_info=data_info(dm),
+        freeze_backbone=bool(model_cfg.get("freeze_backbone", False)),
+    )
+
+
+def load_task(ckpt_path: str, map_location: str = "cpu") -> ZooTask:
+    """Rebuild a task module from a zoo checkpoint, safely (``weights_only=True``)."""
+    ckpt = safe_load(ckpt_path, map_location=map_location)
+    hp = ckpt.get("hyper_parameters")
+    if not hp or "model" not in hp:
+        raise WeightsError(f"{ckpt_path} is not a zoo checkpoint (no model in its hyper_parameters)")
+    task_cls = TASKS[get_spec(hp["model"]["name"]).task]
+    hp = {**hp, "freeze_backbone": False}
+    task = task_cls(**hp)
+    task.load_state_dict(ckpt["state_dict"])
+    return task
+
+
+def flat_metrics(results: list[dict] | dict) -> dict[str, float]:
+    """Lightning's test results -> ``{"test/acc": 0.98, ...}`` (plain floats, NaN kept as null-safe floats)."""
+    rows = results if isinstance(results, list) else [results]
+    out: dict[str, float] = {}
+    for row in rows:
+        out.update({k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in row.items()})
+    return dict(sorted(out.items()))
+
+
+def write_metrics(metrics: dict[str, float], *paths: str | Path | None) -> None:
+    text = json.dumps({k: (None if math.isnan(v) else v) for k, v in metrics.items()}, indent=2)
+    for p in paths:
+        if p:
+            Path(p).parent.mkdir(parents=True, exist_ok=True)
+            Path(p).write_text(text + "\n")
+
+
+def print_metrics_table(metrics: dict[str, float], title: str = "Test metrics") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.4f}")
+    Console().print(table)

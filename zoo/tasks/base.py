@@ -1,0 +1,156 @@
+"""What the three task modules share: building the net, the optimizer, the schedule, the step logic.
+
+Tasks know nothing of a particular architecture: a net with its own objective defines
+``forward_train(x, y, **kw) -> (logits, {name: loss})`` and the task sums and logs those losses.
+"""
+from __future__ import annotations
+
+import abc
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from timm.optim import param_groups_weight_decay
+from torch import nn
+
+from ..registry import create_model
+
+DEFAULT_OPTIM = dict(
+    name="adamw", lr=1e-3, weight_decay=0.05, momentum=0.9, betas=(0.9, 0.999),
+    warmup_epochs=1.0, warmup_lr_ratio=0.01, min_lr_ratio=0.01, scheduler="cosine", label_smoothing=0.0,
+)
+
+
+def build_net(model: dict, num_classes: int) -> nn.Module:
+    """Rebuild a net from a checkpoint's stored hyper-parameters (no downloads: weights come from the checkpoint)."""
+    return create_model(model["name"], num_classes=num_classes, **dict(model.get("kwargs") or {}))
+
+
+def freeze_backbone_of(net: nn.Module) -> None:
+    """Freeze all but the head: the net's own ``freeze_backbone()`` if it has one, else keep ``get_classifier()``."""
+    if hasattr(net, "freeze_backbone"):
+        net.freeze_backbone()
+        return
+    if not hasattr(net, "get_classifier"):
+        raise ValueError(f"{type(net).__name__} has neither freeze_backbone() nor get_classifier(); cannot freeze it")
+    net.requires_grad_(False)
+    net.get_classifier().requires_grad_(True)
+
+
+def warmup_cosine(step: int, total: int, warmup: int, warmup_ratio: float, min_ratio: float) -> float:
+    """LR multiplier: linear warmup from ``warmup_ratio`` to 1, then half-cosine down to ``min_ratio``."""
+    if step < warmup:
+        return warmup_ratio + (1 - warmup_ratio) * step / max(1, warmup)
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class ZooTask(L.LightningModule):
+    """Base LightningModule: subclasses set ``task``, ``monitor`` and implement the metric hooks."""
+
+    task = ""
+    monitor = "val/loss"
+    monitor_mode = "min"
+
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        *,
+        model: dict,
+        num_classes: int,
+        optim: dict | None = None,
+        data_info: dict | None = None,
+        freeze_backbone: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.optim = {**DEFAULT_OPTIM, **(optim or {})}
+        self.net = net if net is not None else build_net(model, num_classes)
+        if freeze_backbone:
+            freeze_backbone_of(self.net)
+        self.num_classes = num_classes
+        self.class_names = list((data_info or {}).get("class_names") or [str(i) for i in range(num_classes)])
+        self.metrics = nn.ModuleDict({s: self.make_metrics() for s in ("val", "test")})
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    @abc.abstractmethod
+    def make_metrics(self) -> nn.Module:
+        """The task's torchmetrics module (one instance per stage)."""
+
+    def criterion(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ls = float(self.optim.get("label_smoothing", 0.0))
+        return nn.functional.cross_entropy(logits, y, label_smoothing=ls, ignore_index=255)
+
+    def unpack(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        x, y = batch
+        return x, y, {}
+
+    def update_metrics(self, metrics: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> None:
+        metrics.update(logits, y)
+
+    def compute_metrics(self, metrics: nn.Module) -> dict[str, torch.Tensor]:
+        return dict(metrics.compute())
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, x: torch.Tensor, **kw: Any) -> torch.Tensor:
+        return self.net(x, **kw)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, kw = self.unpack(batch)
+        if hasattr(self.net, "forward_train"):
+            logits, losses = self.net.forward_train(x, y, **kw)
+        else:
+            logits = self.net(x, **kw)
+            losses = {"ce": self.criterion(logits, y)}
+        loss = sum(losses.values())
+        bs = y.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        if len(losses) > 1:
+            self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
+        return loss
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        x, y, kw = self.unpack(batch)
+        logits = self.net(x, **kw)
+        self.log(f"{stage}/loss", self.criterion(logits, y), prog_bar=stage == "val", batch_size=y.shape[0], sync_dist=True)
+        self.update_metrics(self.metrics[stage], logits, y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        values = self.compute_metrics(self.metrics[stage])
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
+        self.metrics[stage].reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        o = self.optim
+        no_decay = getattr(self.net, "no_weight_decay", lambda: set())()
+        groups = param_groups_weight_decay(self.net, o["weight_decay"], no_weight_decay_list=no_decay)
+        name = o["name"].lower()
+        if name == "adamw":
+            opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]))
+        elif name == "sgd":
+            opt = torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], nesterov=bool(o.get("nesterov", True)))
+        else:
+            raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {o['name']!r}")
+        if o.get("scheduler", "cosine") in (None, "none"):
+            return opt
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        warmup = int(total * float(o["warmup_epochs"]) / epochs)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, total, warmup, o["warmup_lr_ratio"], o["min_lr_ratio"])
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,36 @@
+"""Multiple-instance learning: one metric module for every MIL model.
+
+Accuracy, balanced accuracy (macro recall), macro-F1 (really macro: ACMIL's script reports
+torchmetrics' default micro F1, which equals accuracy) and macro one-vs-rest AUROC on softmax scores.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score, MulticlassRecall
+
+from .base import ZooTask
+
+
+class MILTask(ZooTask):
+    task = "mil"
+    monitor = "val/auroc"
+    monitor_mode = "max"
+
+    def make_metrics(self) -> MetricCollection:
+        c = self.hparams.num_classes
+        return MetricCollection({
+            "acc": MulticlassAccuracy(c, average="micro"),
+            "balanced_acc": MulticlassRecall(c, average="macro"),
+            "f1": MulticlassF1Score(c, average="macro"),
+            "auroc": MulticlassAUROC(c, average="macro"),
+        })
+
+    def unpack(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        bags, mask, y = batch
+        return bags, y, {"mask": mask}
+
+    def update_metrics(self, metrics, logits, y) -> None:
+        metrics.update(logits.float().softmax(-1), y)

@@ -1,0 +1,80 @@
+"""Safe loading of weights files: safetensors, or ``torch.load(weights_only=True)``; never a pickle that runs code."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import WeightsError
+
+_WRAPPERS = ("state_dict", "model", "model_ema", "state_dict_ema", "module", "net")
+
+
+def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint or weights file without executing code from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device=str(map_location))
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise WeightsError(
+            f"refused to load {path}: it is not a plain weights file (its pickle asks to run or build "
+            f"objects: {str(e).splitlines()[0][:200]}). The zoo only loads weights with "
+            "weights_only=True or safetensors. If you trust the file, re-save its state_dict as "
+            "safetensors; otherwise do not use it."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise WeightsError(f"could not read {path} ({type(e).__name__}: {e}); is it truncated or corrupt?") from None
+
+
+def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:
+    """Unwrap the usual containers (Lightning 'state_dict', official 'model', DDP 'module.')."""
+    sd = obj
+    for _ in range(3):
+        if isinstance(sd, dict) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
+            inner = next((sd[k] for k in _WRAPPERS if k in sd and isinstance(sd[k], dict)), None)
+            if inner is None:
+                break
+            sd = inner
+    if not isinstance(sd, dict) or not sd:
+        raise WeightsError("no state dict found in the weights file (looked under: " + ", ".join(_WRAPPERS) + ")")
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    for prefix in ("module.", "net.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "weights") -> list[str]:
+    """Load ``state_dict`` into ``model``; entries whose shapes differ (a new classifier) are skipped
+    and returned. Any other missing or unexpected key is an error naming the keys."""
+    own = model.state_dict()
+    skipped = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    state_dict = {k: v for k, v in state_dict.items() if k not in skipped}
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if k not in skipped]
+    if missing or result.unexpected_keys:
+        raise WeightsError(
+            f"{source} does not fit {type(model).__name__}: missing {missing[:8]}"
+            f"{'...' if len(missing) > 8 else ''}, unexpected {result.unexpected_keys[:8]}"
+            f"{'...' if len(result.unexpected_keys) > 8 else ''}"
+        )
+    return skipped  # those keep the model's fresh initialisation
+
+
+def load_pretrained_file(
+    model: nn.Module, path: str | Path, checkpoint_filter: Callable[[dict, nn.Module], dict] | None = None
+) -> list[str]:
+    """Load a timm, official or zoo weights file into ``model``; returns the keys re-initialised."""
+    sd = extract_state_dict(safe_load(path))
+    if checkpoint_filter is not None:
+        sd = checkpoint_filter(sd, model)
+    return load_into(model, sd, source=str(path))
