@@ -1,0 +1,131 @@
+"""Bags for multiple-instance learning: feature bags on disk, and the padding collate."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from zoo.errors import DataFormatError
+
+FEATUREBAGS_LAYOUT = """\
+root/
+  pt_files/<bag_id>.pt      float tensor N x D (torch.save)
+  h5_files/<bag_id>.h5      datasets 'features' N x D, optional 'coords' N x 2
+  labels.csv                header bag_id,label[,split]; split in train/val/test
+"""
+SPLITS = ("train", "val", "test")
+
+
+def collate_bags(batch):
+    """[(bag [N_i, ...], label)] -> (bags [B, Nmax, ...] zero padded, mask bool [B, Nmax], labels)."""
+    bags, labels = zip(*batch)
+    lengths = [b.shape[0] for b in bags]
+    if min(lengths) == 0:
+        raise DataFormatError(f"empty bag at position {lengths.index(0)} of the batch")
+    tail = bags[0].shape[1:]
+    if any(b.shape[1:] != tail for b in bags):
+        raise DataFormatError(f"bags of different instance shapes in one batch: {[tuple(b.shape) for b in bags]}")
+    out = bags[0].new_zeros((len(bags), max(lengths), *tail))
+    mask = torch.zeros(len(bags), max(lengths), dtype=torch.bool)
+    for i, (bag, n) in enumerate(zip(bags, lengths)):
+        out[i, :n] = bag
+        mask[i, :n] = True
+    return out, mask, torch.as_tensor(labels, dtype=torch.long)
+
+
+def read_bag_table(path: Path) -> tuple[list[str], list[str], list[str] | None]:
+    """``bag_id,label[,split]`` rows -> ids, raw labels, splits (None without the column)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise DataFormatError(f"{path} has no rows; expected a header bag_id,label[,split]")
+    cols = {c.strip() for c in rows[0] if c is not None}
+    if not {"bag_id", "label"} <= cols:
+        raise DataFormatError(f"{path} has columns {sorted(cols)}; expected bag_id,label[,split]")
+    rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in rows]
+    ids = [r["bag_id"] for r in rows]
+    dup = sorted({b for b in ids if ids.count(b) > 1}) if len(set(ids)) != len(ids) else []
+    if dup:
+        raise DataFormatError(f"{path} lists bags more than once: {dup[:5]}")
+    splits = None
+    if "split" in cols:
+        splits = [r["split"].lower() for r in rows]
+        bad = sorted(set(splits) - set(SPLITS))
+        if bad:
+            raise DataFormatError(f"{path}: split values {bad} are not train/val/test")
+    return ids, [r["label"] for r in rows], splits
+
+
+def encode_labels(raw: list[str]) -> tuple[list[int], list[str]]:
+    """Integer labels are class ids as they are; strings map to ids in sorted order."""
+    try:
+        ids = [int(v) for v in raw]
+    except ValueError:
+        names = sorted(set(raw))
+        return [names.index(v) for v in raw], names
+    if min(ids) < 0:
+        raise DataFormatError(f"negative labels {sorted({i for i in ids if i < 0})}")
+    return ids, [str(i) for i in range(max(ids) + 1)]
+
+
+class FeatureBagDataset(Dataset):
+    """Pre-extracted instance features per bag; items are ``(float [N, D], label)``.
+
+    Features come from ``pt_files/<bag>.pt`` when present, else ``h5_files/<bag>.h5``;
+    ``coords(i)`` reads the h5 ``coords`` (for heatmaps) without touching the batch contract.
+    """
+
+    def __init__(self, root: Path, bag_ids: list[str], labels: list[int], in_dim: int | None = None):
+        self.root = Path(root)
+        self.bag_ids, self.labels = list(bag_ids), list(labels)
+        self.in_dim = in_dim
+        pt, h5 = self.root / "pt_files", self.root / "h5_files"
+        self.files: list[Path] = []
+        for b in self.bag_ids:
+            found = [p for p in (pt / f"{b}.pt", h5 / f"{b}.h5") if p.is_file()]
+            if not found:
+                raise DataFormatError(
+                    f"bag {b!r} from the labels CSV is missing: neither {pt / (b + '.pt')} "
+                    f"nor {h5 / (b + '.h5')} exists (folder {self.root})"
+                )
+            self.files.append(found[0])
+
+    def __len__(self) -> int:
+        return len(self.bag_ids)
+
+    def features(self, i: int) -> torch.Tensor:
+        path = self.files[i]
+        if path.suffix == ".pt":
+            x = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(x, torch.Tensor):
+                raise DataFormatError(f"{path} holds a {type(x).__name__}; expected a tensor N x D")
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                if "features" not in f:
+                    raise DataFormatError(f"{path} has no 'features' dataset (has {list(f)})")
+                x = torch.from_numpy(f["features"][()])
+        if x.numel() == 0:
+            raise DataFormatError(f"bag {self.bag_ids[i]!r} is empty (0 instances in {path})")
+        if x.ndim == 3 and x.shape[0] == 1:  # some pipelines save [1, N, D]
+            x = x[0]
+        if x.ndim != 2:
+            raise DataFormatError(f"{path}: features of shape {tuple(x.shape)}; expected N x D")
+        if self.in_dim is not None and x.shape[1] != self.in_dim:
+            raise DataFormatError(f"{path}: feature size {x.shape[1]}, but other bags have {self.in_dim}")
+        return x.float()
+
+    def coords(self, i: int) -> torch.Tensor | None:
+        path = self.root / "h5_files" / f"{self.bag_ids[i]}.h5"
+        if not path.is_file():
+            return None
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return torch.from_numpy(f["coords"][()]) if "coords" in f else None
+
+    def __getitem__(self, i: int):
+        return self.features(i), self.labels[i]

@@ -1,0 +1,183 @@
+"""Image classification datamodule: batches ``(image float[B, C, H, W], label long[B])``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from zoo.errors import DatasetNotFoundError
+
+from .common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    IndexedTensorDataset,
+    ZooDataModule,
+    default_root,
+    require_dir,
+    split_indices,
+)
+from .embedded import DIGIT_CLASSES, load_digits_tensor
+from .folders import (
+    CIFAR,
+    CIFAR_NUM_CLASSES,
+    IMAGEFOLDER_LAYOUT,
+    ImageList,
+    cifar_missing,
+    download_cifar,
+    find_classes,
+    load_cifar,
+    scan_imagefolder,
+)
+
+_IMAGENET = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, in_chans=3)
+
+
+class ClassificationDataModule(ZooDataModule):
+    """``dataset``: ``digits`` (embedded), ``imagefolder`` (``root/{train,val,test}/CLASS/*``),
+    ``cifar10``/``cifar100`` (torchvision pickles under ``root``).
+
+    Missing val/test splits are seeded stratified splits of train (``val_fraction``,
+    ``test_fraction`` of it); ``digits`` is split 70/10/20 of all 1,797 images by default.
+    """
+
+    task = "classification"
+    DATASETS = {
+        "digits": dict(img_size=32, **_IMAGENET),
+        "imagefolder": dict(img_size=224, **_IMAGENET),
+        "cifar10": dict(img_size=32, **_IMAGENET),
+        "cifar100": dict(img_size=32, **_IMAGENET),
+    }
+
+    def __init__(
+        self,
+        *,
+        dataset: str = "digits",
+        root: str | None = None,
+        img_size: int | None = None,
+        mean: list | None = None,
+        std: list | None = None,
+        in_chans: int = 3,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        download: bool = False,
+        augment: bool = True,
+        verify_checksums: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self._check_dataset()
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+
+    # ------------------------------------------------------------------ classes
+    @property
+    def root(self) -> Path:
+        hp = self.hparams
+        if hp.root is not None:
+            return Path(hp.root).expanduser()
+        if hp.dataset == "imagefolder":
+            raise DatasetNotFoundError(
+                f"dataset=imagefolder needs data.root\nExpected layout:\n{IMAGEFOLDER_LAYOUT}"
+            )
+        return default_root()
+
+    @property
+    def num_classes(self) -> int:
+        if self._classes is None and self.hparams.dataset in CIFAR_NUM_CLASSES:
+            return CIFAR_NUM_CLASSES[self.hparams.dataset]  # known without touching the disk
+        return super().num_classes
+
+    def _load_classes(self) -> list[str]:
+        name = self.hparams.dataset
+        if name == "digits":
+            return list(DIGIT_CLASSES)
+        if name == "imagefolder":
+            return find_classes(require_dir(self.root / "train", "imagefolder", IMAGEFOLDER_LAYOUT))
+        self.prepare_data()
+        return load_cifar(name, self.root, train=False, verify_checksums=self.hparams.verify_checksums)[2]
+
+    def prepare_data(self) -> None:
+        name = self.hparams.dataset
+        if name in CIFAR and self.hparams.download and cifar_missing(name, self.root):
+            download_cifar(name, self.root)
+
+    # ------------------------------------------------------------------ transforms
+    def _to_float(self) -> list:
+        return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+
+    def _folder_transforms(self, train: bool) -> v2.Compose:
+        s = self.img_size
+        if train and self.hparams.augment:
+            geo = [v2.RandomResizedCrop(s, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+        else:  # the usual 0.875 centre crop
+            geo = [v2.Resize(int(s / 0.875), antialias=True), v2.CenterCrop(s)]
+        return v2.Compose([v2.ToImage(), *geo, *self._to_float()])
+
+    def _cifar_transforms(self, train: bool) -> v2.Compose:
+        s = self.img_size
+        ops = [v2.Grayscale(1)] if self.in_chans == 1 else []
+        if s != 32:
+            ops.append(v2.Resize(s, antialias=True))
+        if train and self.hparams.augment:
+            ops += [v2.RandomCrop(s, padding=max(1, s // 8)), v2.RandomHorizontalFlip()]
+        return v2.Compose([*ops, *self._to_float()])
+
+    # ------------------------------------------------------------------ datasets
+    def _build(self) -> None:
+        name = self.hparams.dataset
+        {"digits": self._build_digits, "imagefolder": self._build_imagefolder}.get(
+            name, self._build_cifar
+        )()
+
+    def _split(self, labels, need_val=True, need_test=True):
+        hp = self.hparams
+        return split_indices(
+            len(labels), labels, need_val=need_val, need_test=need_test,
+            val_fraction=hp.val_fraction, test_fraction=hp.test_fraction, seed=hp.seed,
+        )
+
+    def _build_digits(self) -> None:
+        x, y = load_digits_tensor(self.img_size, self.in_chans)
+        tr, va, te = self._split(y.numpy())
+        norm = v2.Normalize(self.mean, self.std)
+        train_tf = norm
+        if self.hparams.augment:
+            affine = v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
+            train_tf = v2.Compose([affine, norm])
+        self.train_set = IndexedTensorDataset(x, y, tr, train_tf)
+        self.val_set = IndexedTensorDataset(x, y, va, norm)
+        self.test_set = IndexedTensorDataset(x, y, te, norm)
+        self._classes = list(DIGIT_CLASSES)
+
+    def _build_cifar(self) -> None:
+        hp = self.hparams
+        self.prepare_data()
+        x, y, classes = load_cifar(hp.dataset, self.root, train=True, verify_checksums=hp.verify_checksums)
+        xt, yt, _ = load_cifar(hp.dataset, self.root, train=False, verify_checksums=hp.verify_checksums)
+        tr, va, _ = self._split(y.numpy(), need_test=False)
+        self.train_set = IndexedTensorDataset(x, y, tr, self._cifar_transforms(True))
+        self.val_set = IndexedTensorDataset(x, y, va, self._cifar_transforms(False))
+        self.test_set = IndexedTensorDataset(xt, yt, np.arange(len(yt)), self._cifar_transforms(False))
+        self._classes = classes
+
+    def _build_imagefolder(self) -> None:
+        root = self.root
+        classes = find_classes(require_dir(root / "train", "imagefolder", IMAGEFOLDER_LAYOUT))
+        train = scan_imagefolder(root / "train", classes)
+        has = {s: (root / s).is_dir() for s in ("val", "test")}
+        tr, va, te = self._split([t for _, t in train], not has["val"], not has["test"])
+        splits = {
+            "train": [train[i] for i in tr],
+            "val": scan_imagefolder(root / "val", classes) if has["val"] else [train[i] for i in va],
+            "test": scan_imagefolder(root / "test", classes) if has["test"] else [train[i] for i in te],
+        }
+        c = self.in_chans
+        self.train_set = ImageList(splits["train"], self._folder_transforms(True), c)
+        self.val_set = ImageList(splits["val"], self._folder_transforms(False), c)
+        self.test_set = ImageList(splits["test"], self._folder_transforms(False), c)
+        self._classes = classes

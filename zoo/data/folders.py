@@ -1,0 +1,235 @@
+"""On-disk formats users already have: ImageFolder trees, image/mask trees, CIFAR pickles."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets as tvd
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF
+
+from zoo.errors import DataFormatError, DatasetNotFoundError
+
+from .common import IMG_EXTENSIONS
+
+IMAGEFOLDER_LAYOUT = """\
+root/
+  train/CLASS_A/img001.png      one folder per class (any image extension)
+  train/CLASS_B/...
+  val/CLASS_A/...               optional: a seeded stratified split of train stands in
+  test/CLASS_A/...              optional: likewise
+"""
+SEGFOLDER_LAYOUT = """\
+root/
+  train/images/0001.jpg         any image extension
+  train/masks/0001.png          same stem; pixel value = class id (or see value_map), 255 = ignore
+  val/{images,masks}/...        optional: a seeded split of train stands in
+  test/{images,masks}/...       optional: likewise
+"""
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+
+
+def open_image(path, in_chans: int) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("L" if in_chans == 1 else "RGB")
+
+
+# --------------------------------------------------------------------------- ImageFolder
+def find_classes(train_dir: Path) -> list[str]:
+    classes = sorted(e.name for e in train_dir.iterdir() if e.is_dir())  # as ImageFolder sorts
+    if not classes:
+        raise DatasetNotFoundError(
+            f"no class folders in {train_dir}\nExpected layout:\n{IMAGEFOLDER_LAYOUT}"
+        )
+    return classes
+
+
+def scan_imagefolder(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
+    """(path, class id) pairs of a split, with train's class ids (val/test may lack classes,
+    but a class train never saw cannot be scored)."""
+    present = sorted(e.name for e in split_dir.iterdir() if e.is_dir())
+    unknown = sorted(set(present) - set(classes))
+    if unknown:
+        raise DataFormatError(f"{split_dir} has classes that train lacks: {unknown}")
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    samples = tvd.folder.make_dataset(str(split_dir), class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise DataFormatError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {split_dir}")
+    return samples
+
+
+class ImageList(Dataset):
+    """(path, label) samples read with PIL; ``targets`` for stratified splits."""
+
+    def __init__(self, samples, transform: Callable | None = None, in_chans: int = 3):
+        self.samples = list(samples)
+        self.targets = [t for _, t in self.samples]
+        self.transform, self.in_chans = transform, in_chans
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, target = self.samples[i]
+        img = open_image(path, self.in_chans)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+
+# --------------------------------------------------------------------------- segmentation folders
+def scan_segfolder(split_dir: Path) -> list[tuple[Path, Path]]:
+    """(image, mask) pairs matched by file stem."""
+    img_dir, mask_dir = split_dir / "images", split_dir / "masks"
+    for d in (img_dir, mask_dir):
+        if not d.is_dir():
+            raise DatasetNotFoundError(f"folder not found: {d}\nExpected layout:\n{SEGFOLDER_LAYOUT}")
+    masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
+    pairs = []
+    for img in _images_in(img_dir):
+        if img.stem not in masks:
+            raise DataFormatError(f"image {img} has no mask: expected {mask_dir / (img.stem + '.png')}")
+        pairs.append((img, masks[img.stem]))
+    if not pairs:
+        raise DataFormatError(f"no images under {img_dir}\nExpected layout:\n{SEGFOLDER_LAYOUT}")
+    return pairs
+
+
+def mask_lut(value_map: dict | None, num_classes: int) -> np.ndarray | None:
+    """Pixel value -> class id table; values outside ``value_map`` become 255 (ignore)."""
+    if not value_map:
+        return None
+    vm = {int(k): int(v) for k, v in dict(value_map).items()}
+    bad = {v for v in vm.values() if not (0 <= v < num_classes or v == 255)}
+    if bad:
+        raise ValueError(f"value_map targets {sorted(bad)} are not class ids < {num_classes} (or 255)")
+    lut = np.full(max(max(vm), 255) + 1, 255, np.uint8)
+    for k, v in vm.items():
+        lut[k] = v
+    return lut
+
+
+def read_mask(path: Path, lut: np.ndarray | None, num_classes: int) -> np.ndarray:
+    with Image.open(path) as im:
+        arr = np.array(im)
+    if arr.ndim == 3:  # RGB(A) masks are accepted only when they are grey levels
+        if not (arr[..., :3] == arr[..., :1]).all():
+            raise DataFormatError(f"mask {path} is a colour image; masks must be single-channel")
+        arr = arr[..., 0]
+    arr = arr.astype(np.int64)
+    if lut is not None:
+        out = np.full(arr.shape, 255, np.uint8)
+        ok = (arr >= 0) & (arr < len(lut))
+        out[ok] = lut[arr[ok]]
+        return out
+    bad = np.unique(arr[(arr >= num_classes) & (arr != 255)])
+    if bad.size:
+        raise DataFormatError(
+            f"mask {path} has values {bad[:8].tolist()} >= num_classes={num_classes}; "
+            "give a value_map (pixel value -> class id) for grey-level encodings"
+        )
+    return arr.astype(np.uint8)
+
+
+class SegFolderDataset(Dataset):
+    """(image, mask) pairs from disk; joint v2 transforms see a ``tv_tensors.Mask``."""
+
+    def __init__(self, pairs, *, num_classes: int, value_map=None, in_chans: int = 3, transform=None):
+        self.pairs = list(pairs)
+        self.num_classes, self.in_chans, self.transform = num_classes, in_chans, transform
+        self.lut = mask_lut(value_map, num_classes)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        img_path, mask_path = self.pairs[i]
+        img = open_image(img_path, self.in_chans)
+        mask = read_mask(mask_path, self.lut, self.num_classes)
+        if mask.shape != (img.height, img.width):
+            raise DataFormatError(
+                f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {img_path} is "
+                f"{img.width}x{img.height} (width x height)"
+            )
+        img = tv_tensors.Image(TF.pil_to_tensor(img))
+        mask = tv_tensors.Mask(torch.from_numpy(mask))
+        if self.transform is not None:
+            img, mask = self.transform(img, mask)
+        return img.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
+
+
+# --------------------------------------------------------------------------- CIFAR
+class _CheckedCIFAR:
+    """Mixin: with ``verify_checksums=False`` only the presence of the files is checked, so
+    tiny fixtures in the real pickle layout (and re-packed copies) load."""
+
+    def __init__(self, *args, verify_checksums: bool = True, **kwargs):
+        self.verify_checksums = verify_checksums
+        super().__init__(*args, **kwargs)
+
+    def _check_integrity(self) -> bool:
+        if self.verify_checksums:
+            return super()._check_integrity()
+        base = Path(self.root) / self.base_folder
+        return all((base / f).is_file() for f, _ in self.train_list + self.test_list)
+
+    def _load_meta(self) -> None:
+        if not self.verify_checksums:
+            self.meta = {**self.meta, "md5": None}  # torchvision's check_integrity: None = exists
+        super()._load_meta()
+
+
+class CIFAR10(_CheckedCIFAR, tvd.CIFAR10):
+    pass
+
+
+class CIFAR100(_CheckedCIFAR, tvd.CIFAR100):
+    pass
+
+
+CIFAR = {"cifar10": CIFAR10, "cifar100": CIFAR100}
+CIFAR_NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+def cifar_missing(name: str, root: Path) -> list[str]:
+    cls = CIFAR[name]
+    files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    return [f for f in files if not (root / cls.base_folder / f).is_file()]
+
+
+def download_cifar(name: str, root: Path) -> None:
+    try:
+        CIFAR[name](str(root), train=True, download=True)
+    except Exception as e:  # offline, proxy, disk full: say where the files should go instead
+        raise DatasetNotFoundError(
+            f"{name}: download to {root} failed ({e}); put the extracted "
+            f"{CIFAR[name].filename} at {root / CIFAR[name].base_folder}/"
+        ) from e
+
+
+def load_cifar(name: str, root: Path, *, train: bool, verify_checksums: bool):
+    """Images ``uint8 [N, 3, 32, 32]``, labels ``long [N]`` and class names of one split."""
+    cls = CIFAR[name]
+    folder = root / cls.base_folder
+    missing = cifar_missing(name, root)
+    if missing:
+        raise DatasetNotFoundError(
+            f"{name}: {folder} lacks {missing}; set data.download=true (needs internet) "
+            f"or put the files at {folder}/ (the extracted {cls.filename})"
+        )
+    try:
+        ds = cls(str(root), train=train, download=False, verify_checksums=verify_checksums)
+    except RuntimeError as e:  # torchvision's md5 check failed
+        raise DataFormatError(
+            f"{name}: files under {folder} fail their checksums ({e}); "
+            "re-download (data.download=true) or set data.verify_checksums=false"
+        ) from e
+    images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2)
+    return images, torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)

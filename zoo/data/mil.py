@@ -1,0 +1,165 @@
+"""Multiple-instance learning datamodule: batches ``(bags, mask, label)``.
+
+``bags`` is ``float [B, Nmax, D]`` (feature bags) or ``float [B, Nmax, C, H, W]`` (image bags),
+zero padded; ``mask`` is ``bool [B, Nmax]``, True for real instances; ``label`` ``long [B]``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zoo.errors import DatasetNotFoundError
+
+from .bags import FEATUREBAGS_LAYOUT, FeatureBagDataset, collate_bags, encode_labels, read_bag_table
+from .common import DIGITS_MEAN, DIGITS_STD, ZooDataModule, require_dir, split_indices
+from .embedded import BAG_CLASSES, DigitBagsDataset, _digit_arrays, load_digits_tensor, make_digit_bags
+
+
+class MILDataModule(ZooDataModule):
+    """``dataset``: ``digit_bags`` (embedded MNIST-bags protocol on scikit-learn digits) or
+    ``featurebags`` (``root/pt_files/<bag>.pt`` or ``root/h5_files/<bag>.h5`` + ``labels`` CSV)."""
+
+    task = "mil"
+    DATASETS = {
+        "digit_bags": dict(img_size=28, mean=DIGITS_MEAN, std=DIGITS_STD, in_chans=1),
+        "featurebags": dict(),
+    }
+    collate_fn = staticmethod(collate_bags)
+
+    def __init__(
+        self,
+        *,
+        dataset: str = "digit_bags",
+        root: str | None = None,
+        img_size: int | None = None,
+        mean: list | None = None,
+        std: list | None = None,
+        in_chans: int | None = None,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        download: bool = False,
+        augment: bool = True,
+        labels: str | None = None,
+        target_digit: int = 9,
+        mean_bag_length: float = 10,
+        std_bag_length: float = 2,
+        max_bag_length: int = 100,
+        num_train: int = 400,
+        num_val: int = 100,
+        num_test: int = 200,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self._check_dataset()
+        if not 0 <= target_digit <= 9:
+            raise ValueError(f"target_digit must be a digit 0..9, got {target_digit}")
+        self._in_dim: int | None = None
+        self._table = None
+
+    # ------------------------------------------------------------------ featurebags table
+    @property
+    def root(self) -> Path:
+        if self.hparams.root is None:
+            raise DatasetNotFoundError(f"dataset=featurebags needs data.root\nExpected layout:\n{FEATUREBAGS_LAYOUT}")
+        return Path(self.hparams.root).expanduser()
+
+    @property
+    def labels_csv(self) -> Path:
+        given = self.hparams.labels
+        if given is None:
+            return self.root / "labels.csv"
+        path = Path(given).expanduser()
+        return path if path.is_absolute() or path.exists() else self.root / path
+
+    def _read_table(self):
+        if self._table is None:
+            require_dir(self.root, "featurebags", FEATUREBAGS_LAYOUT)
+            if not self.labels_csv.is_file():
+                raise DatasetNotFoundError(
+                    f"featurebags: labels CSV not found: {self.labels_csv}\nExpected layout:\n{FEATUREBAGS_LAYOUT}"
+                )
+            ids, raw, splits = read_bag_table(self.labels_csv)
+            y, names = encode_labels(raw)
+            self._table = (ids, y, splits, names)
+        return self._table
+
+    def _load_classes(self) -> list[str]:
+        if self.hparams.dataset == "digit_bags":
+            return list(BAG_CLASSES)
+        return self._read_table()[3]
+
+    @property
+    def in_dim(self) -> int | None:
+        """Instance feature size D of feature bags (read from the first bag)."""
+        if self.hparams.dataset != "featurebags":
+            return None
+        if self._in_dim is None:
+            ids, y, *_ = self._read_table()
+            self._in_dim = FeatureBagDataset(self.root, ids[:1], y[:1]).features(0).shape[1]
+        return self._in_dim
+
+    def model_kwargs(self) -> dict:
+        if self.hparams.dataset == "featurebags":
+            return {"in_dim": self.in_dim}
+        return {"in_chans": self.in_chans}
+
+    # ------------------------------------------------------------------ datasets
+    def _build(self) -> None:
+        if self.hparams.dataset == "digit_bags":
+            self._build_digit_bags()
+        else:
+            self._build_featurebags()
+
+    def _build_digit_bags(self) -> None:
+        hp = self.hparams
+        _, digits = _digit_arrays()
+        # disjoint instance pools first, so no digit image is seen in two splits
+        pools = split_indices(
+            len(digits), digits, need_val=True, need_test=True,
+            val_fraction=hp.val_fraction, test_fraction=hp.test_fraction, seed=hp.seed,
+        )
+        x, _ = load_digits_tensor(self.img_size, self.in_chans)
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        x = (x - mean) / std  # normalised once: bags index into this tensor
+        sets = []
+        for k, (pool, n) in enumerate(zip(pools, (hp.num_train, hp.num_val, hp.num_test))):
+            bags, labels = make_digit_bags(
+                digits, pool, num_bags=n, target=hp.target_digit, mean_len=hp.mean_bag_length,
+                std_len=hp.std_bag_length, max_len=hp.max_bag_length,
+                rng=np.random.default_rng([hp.seed, k]),
+            )
+            sets.append(DigitBagsDataset(x, digits, bags, labels, hp.target_digit))
+        self.train_set, self.val_set, self.test_set = sets
+
+    def _build_featurebags(self) -> None:
+        hp = self.hparams
+        ids, y, splits, names = self._read_table()
+        y_arr = np.asarray(y)
+        if splits is None:
+            given = {s: np.arange(0) for s in ("val", "test")}
+            pool = np.arange(len(ids))
+        else:
+            where = {s: np.flatnonzero(np.asarray(splits) == s) for s in ("train", "val", "test")}
+            given, pool = {s: where[s] for s in ("val", "test")}, where["train"]
+        tr, va, te = split_indices(
+            len(pool), y_arr[pool], need_val=len(given["val"]) == 0, need_test=len(given["test"]) == 0,
+            val_fraction=hp.val_fraction, test_fraction=hp.test_fraction, seed=hp.seed,
+        )
+        parts = {
+            "train": pool[tr],
+            "val": given["val"] if len(given["val"]) else pool[va],
+            "test": given["test"] if len(given["test"]) else pool[te],
+        }
+        made = {
+            s: FeatureBagDataset(self.root, [ids[i] for i in idx], [y[i] for i in idx])
+            for s, idx in parts.items()
+        }
+        for ds in made.values():
+            ds.in_dim = self.in_dim
+        self.train_set, self.val_set, self.test_set = made["train"], made["val"], made["test"]

@@ -1,0 +1,142 @@
+"""Semantic segmentation datamodule: batches ``(image float[B, C, H, W], mask long[B, H, W])``,
+mask value 255 = ignore. Transforms are joint (v2 + ``tv_tensors.Mask``): the mask follows
+every geometric change of the image and is resized with nearest neighbours."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from zoo.errors import DatasetNotFoundError
+
+from .common import IMAGENET_MEAN, IMAGENET_STD, ZooDataModule, require_dir, split_indices
+from .embedded import SHAPE_CLASSES, ShapesDataset, make_shapes
+from .folders import SEGFOLDER_LAYOUT, SegFolderDataset, scan_segfolder
+
+IGNORE_INDEX = 255
+SHAPES_SIZE = 64  # scenes are drawn at 64 px and resized per item if the model wants more
+
+
+class SegmentationDataModule(ZooDataModule):
+    """``dataset``: ``shapes`` (embedded, ``num_train``/``num_val``/``num_test`` scenes) or
+    ``segfolder`` (``root/{split}/images/*`` + ``root/{split}/masks/*.png``; needs
+    ``num_classes``; ``value_map`` maps grey levels to class ids, unmapped values -> 255)."""
+
+    task = "segmentation"
+    DATASETS = {
+        "shapes": dict(img_size=SHAPES_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        "segfolder": dict(img_size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    }
+
+    def __init__(
+        self,
+        *,
+        dataset: str = "shapes",
+        root: str | None = None,
+        img_size: int | None = None,
+        mean: list | None = None,
+        std: list | None = None,
+        in_chans: int = 3,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        download: bool = False,
+        augment: bool = True,
+        num_classes: int | None = None,
+        class_names: list | None = None,
+        value_map: dict | None = None,
+        rotate_degrees: float = 0.0,
+        crop_scale: tuple = (0.5, 1.0),
+        num_train: int = 1000,
+        num_val: int = 200,
+        num_test: int = 200,
+    ) -> None:
+        super().__init__()
+        if dataset == "shapes":
+            if num_classes not in (None, len(SHAPE_CLASSES)):
+                raise ValueError(f"shapes has {len(SHAPE_CLASSES)} classes {SHAPE_CLASSES}, not {num_classes}")
+            # resolved before saving: Lightning refuses to log a datamodule whose num_classes
+            # hparam differs from the task module's (it reads these locals)
+            num_classes = len(SHAPE_CLASSES)
+        self.save_hyperparameters()
+        self._check_dataset()
+        self._scenes = None  # (key, drawn shapes): drawing once serves every img_size
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        if dataset == "segfolder" and num_classes is None:
+            raise ValueError("dataset=segfolder needs num_classes (mask values 0..num_classes-1, 255 = ignore)")
+        if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class_names for num_classes={num_classes}")
+
+    def _load_classes(self) -> list[str]:
+        hp = self.hparams
+        if hp.dataset == "shapes":
+            return list(SHAPE_CLASSES)
+        return [str(c) for c in hp.class_names] if hp.class_names else [f"class_{i}" for i in range(hp.num_classes)]
+
+    # ------------------------------------------------------------------ transforms
+    def _transforms(self, train: bool, native: int | None = None) -> v2.Compose:
+        """Joint transforms; ``native`` is the stored size of already-square data (shapes)."""
+        hp, s = self.hparams, self.img_size
+        augment = train and hp.augment
+        if native is None:  # photos of any size and aspect
+            ops = [v2.RandomResizedCrop(s, scale=tuple(hp.crop_scale), antialias=True),
+                   v2.RandomHorizontalFlip()] if augment else [v2.Resize((s, s), antialias=True)]
+        else:  # drawn square scenes: any flip is still a valid scene
+            ops = [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()] if augment else []
+            if native != s:
+                ops.append(v2.Resize((s, s), antialias=True))
+        if augment and hp.rotate_degrees:
+            fill = {tv_tensors.Mask: IGNORE_INDEX, "others": 0}  # rotated-in corners are ignored
+            ops.append(v2.RandomRotation(hp.rotate_degrees, fill=fill))
+        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+        return v2.Compose(ops)
+
+    # ------------------------------------------------------------------ datasets
+    def _build(self) -> None:
+        if self.hparams.dataset == "shapes":
+            self._build_shapes()
+        else:
+            self._build_segfolder()
+
+    def _build_shapes(self) -> None:
+        hp = self.hparams
+        n = hp.num_train + hp.num_val + hp.num_test
+        if self._scenes is None or self._scenes[0] != (n, hp.seed):
+            self._scenes = ((n, hp.seed), make_shapes(n, size=SHAPES_SIZE, seed=hp.seed))
+        images, masks = self._scenes[1]
+        if self.in_chans == 1:
+            images = images.float().mean(1, keepdim=True).round().to(torch.uint8)
+        bounds = np.cumsum([0, hp.num_train, hp.num_val, hp.num_test])
+        sets = []
+        for k, train in enumerate((True, False, False)):
+            lo, hi = bounds[k], bounds[k + 1]
+            tf = self._transforms(train, native=SHAPES_SIZE)
+            sets.append(ShapesDataset(images[lo:hi], masks[lo:hi], np.arange(lo, hi), tf))
+        self.train_set, self.val_set, self.test_set = sets
+
+    def _build_segfolder(self) -> None:
+        hp = self.hparams
+        if hp.root is None:
+            raise DatasetNotFoundError(f"dataset=segfolder needs data.root\nExpected layout:\n{SEGFOLDER_LAYOUT}")
+        root = Path(hp.root).expanduser()
+        train = scan_segfolder(require_dir(root / "train", "segfolder", SEGFOLDER_LAYOUT))
+        has = {s: (root / s).is_dir() for s in ("val", "test")}
+        tr, va, te = split_indices(
+            len(train), None, need_val=not has["val"], need_test=not has["test"],
+            val_fraction=hp.val_fraction, test_fraction=hp.test_fraction, seed=hp.seed,
+        )
+        pairs = {
+            "train": [train[i] for i in tr],
+            "val": scan_segfolder(root / "val") if has["val"] else [train[i] for i in va],
+            "test": scan_segfolder(root / "test") if has["test"] else [train[i] for i in te],
+        }
+        kw = dict(num_classes=hp.num_classes, value_map=hp.value_map, in_chans=self.in_chans)
+        self.train_set = SegFolderDataset(pairs["train"], transform=self._transforms(True), **kw)
+        self.val_set = SegFolderDataset(pairs["val"], transform=self._transforms(False), **kw)
+        self.test_set = SegFolderDataset(pairs["test"], transform=self._transforms(False), **kw)
