@@ -42,7 +42,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     out_dir.mkdir(parents=True, exist_ok=True)
     task = load_task(cfg.ckpt_path)
     info = task.hparams.data_info or {}
-    dm = instantiate(cfg.data)
+    dm = instantiate(cfg.data, _convert_="all")
     prepare_data(dm, task.hparams.model["name"], img_size=info.get("img_size"), mean=info.get("mean"), std=info.get("std"))
     if dm.num_classes != task.num_classes:
         raise ZooError(f"the checkpoint has {task.num_classes} classes but data '{cfg.data.dataset}' has "

@@ -49,7 +49,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     out_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
 
-    dm = instantiate(cfg.data)
+    dm = instantiate(cfg.data, _convert_="all")
     prepare_data(dm, cfg.model.name)
     task = build_task(container(cfg.model), dm, optim=container(cfg.optim), init_from=cfg.get("init_from"))
 

@@ -61,14 +61,15 @@ def test_resume_from_last_and_evaluate_reproduces(compose_cfg, tmp_path):
     from train import train
 
     run = tmp_path / "run"
-    cfg = compose_cfg("train", ["model=halonet_tiny", "data=digits", *SHORT], out_dir=run)
+    lists = ["data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"]  # list values must survive weights_only loading
+    cfg = compose_cfg("train", ["model=halonet_tiny", "data=digits", *SHORT, *lists], out_dir=run)
     first = train(cfg)
     last = run / "checkpoints" / "last.ckpt"
     assert last.is_file() and first["test/acc"] >= 0
     assert torch.load(last, weights_only=True)["epoch"] == 0
 
     # resume: one more epoch on top of the saved one
-    cfg = compose_cfg("train", ["model=halonet_tiny", "data=digits", *SHORT, "trainer.max_epochs=2",
+    cfg = compose_cfg("train", ["model=halonet_tiny", "data=digits", *SHORT, *lists, "trainer.max_epochs=2",
                                 f"ckpt_path={last}"], out_dir=run)
     resumed = train(cfg)
     ckpt = torch.load(last, weights_only=True)

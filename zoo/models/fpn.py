@@ -92,4 +92,5 @@ def fpn_resnet18(pretrained: bool = False, **kwargs) -> FPNSegmenter:
 @register_model(input_size=(3, 64, 64), source="zoo (timm resnet10t features_only + 64-ch semantic FPN)", **_SPEC)
 def fpn_tiny(pretrained: bool = False, **kwargs) -> FPNSegmenter:
     kwargs.setdefault("decoder_channels", 64)
+    kwargs.setdefault("out_indices", (0, 1, 2, 3, 4))  # keep the stride-2 map: shapes at 64 px are small
     return _fpn("resnet10t", pretrained, **kwargs)

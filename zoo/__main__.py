@@ -1,0 +1,337 @@
+"""The zoo's command line: ``python -m zoo list|info|bench|explain`` (console script: ``zoo``).
+
+  python -m zoo list 'halonet*' --task classification [--json]
+  python -m zoo info halonet_tiny
+  python -m zoo bench 'halonet*' timm:resnet18 --img-size 64 --batch-size 8 --train [--json]
+  python -m zoo explain --model biformer_tiny --pretrained-file w.safetensors cat.jpg --out maps/
+  python -m zoo explain --ckpt outputs/.../best.ckpt img1.png img2.png --out maps/
+
+Errors the zoo raises on purpose (``zoo.ZooError``) print as one red line and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ZooError
+from .registry import TASKS
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    if not stream.isatty() and "COLUMNS" not in os.environ:
+        return Console(stderr=stderr, width=160)  # pipes and CI logs: do not squeeze tables to 80
+    return Console(stderr=stderr)
+
+
+def _json_out(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _size_text(info: dict) -> str:
+    size = info.get("input_size") or []
+    text = "x".join(str(s) for s in size)
+    if info.get("task") == "mil":
+        return f"bag of features or {text}" if text else "bag of features"
+    if info.get("fixed_input_size"):
+        return f"{text} (fixed)"
+    if info.get("size_divisor", 1) > 1:
+        return f"{text} /{info['size_divisor']}"
+    return text
+
+
+def _info_or_stub(name: str) -> dict:
+    import zoo
+
+    try:
+        return zoo.model_info(name)
+    except ZooError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a builder that cannot run on the meta device
+        spec = zoo.get_spec(name)
+        return {"name": name, "task": spec.task, "params_m": None, "input_size": list(spec.input_size),
+                "size_divisor": spec.size_divisor, "fixed_input_size": spec.fixed_input_size,
+                "paper": spec.paper, "source": spec.source, "params_error": f"{type(e).__name__}: {e}"}
+
+
+def _json_kwargs(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ZooError(f"--model-kwargs is not valid JSON ({e}): {text}") from None
+    if not isinstance(kwargs, dict):
+        raise ZooError("--model-kwargs must be a JSON object, e.g. '{\"drop_path_rate\": 0.1}'")
+    return kwargs
+
+
+# ---------------------------------------------------------------------------------------- list
+def cmd_list(args: argparse.Namespace) -> int:
+    import zoo
+
+    names = zoo.list_models(args.pattern, task=args.task)
+    infos = [_info_or_stub(n) for n in names]
+    if args.json:
+        _json_out(infos)
+        return 0
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = _console()
+    if not infos:
+        what = f" matching {args.pattern!r}" if args.pattern != "*" else ""
+        what += f" for task {args.task}" if args.task else ""
+        console.print(f"no models{what}; `python -m zoo list` shows them all.", soft_wrap=True)
+        return 0
+    table = Table(title=f"{len(infos)} models", title_justify="left")
+    table.add_column("name", style="bold", no_wrap=True)
+    table.add_column("task")
+    table.add_column("params (M)", justify="right")
+    table.add_column("input")
+    table.add_column("paper", overflow="fold")
+    for i in infos:
+        params = f"{i['params_m']:.2f}" if i.get("params_m") is not None else "?"
+        table.add_row(escape(i["name"]), i["task"], params, _size_text(i), escape(i.get("paper") or ""))
+    console.print(table)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- info
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    import zoo
+    from .summary import example_input, render_tree, summarize
+
+    spec = zoo.get_spec(args.name)
+    info = _info_or_stub(args.name)
+    if args.img_size is not None:
+        spec.check_input_size(args.img_size)
+    kwargs: dict[str, Any] = {}
+    bag_images = spec.task == "mil" and args.bag_images and len(spec.input_size) == 3
+    if spec.task == "mil" and not bag_images:
+        kwargs["in_dim"] = args.in_dim
+    torch.manual_seed(0)
+    x = example_input(spec, img_size=args.img_size, bag_size=args.bag_size, in_dim=args.in_dim,
+                      bag_images=bag_images)
+    error = None
+    try:
+        net = zoo.create_model(args.name, **kwargs)
+        rows = summarize(net, x, depth=args.depth)
+    except ZooError:
+        raise
+    except Exception as e:  # noqa: BLE001 - show the spec anyway, then say what failed
+        rows, error = None, f"{type(e).__name__}: {e}"
+
+    if args.json:
+        _json_out({"info": info, "input_shape": list(x.shape),
+                   "layers": [r.as_dict() for r in rows] if rows else None, "error": error})
+        return 1 if error else 0
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = _console()
+    table = Table(title=args.name, title_justify="left", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value", overflow="fold")
+    for k, v in info.items():
+        if k == "params_m" and v is not None:
+            v = f"{v:.3f} M"
+        elif k == "input_size":
+            v = _size_text(info)
+        table.add_row(k, escape(str(v)))
+    console.print(table)
+    if error:
+        console.print(f"[red]layer summary failed at input {list(x.shape)}:[/red] {escape(error)}", soft_wrap=True)
+        return 1
+    console.print(f"layers (depth {args.depth}), one forward of {list(x.shape)}:")
+    console.print(render_tree(rows, title=args.name))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import benchmark, format_table
+
+    model_kwargs = _json_kwargs(args.model_kwargs)
+    err = _console(stderr=True)
+
+    def progress(name: str) -> None:
+        if not args.json:
+            err.print(f"[dim]benchmarking {name} ...[/dim]", soft_wrap=True)
+
+    rows = benchmark(
+        args.specs, img_size=args.img_size, batch_size=args.batch_size, device=args.device, amp=args.amp,
+        channels_last=args.channels_last, compile=args.compile, train=args.train, warmup=args.warmup,
+        iters=args.iters, bag_size=args.bag_size, feat_dim=args.feat_dim, bag_images=args.bag_images,
+        threads=args.threads, model_kwargs=model_kwargs,
+        isolate=not args.no_isolate, errors="row", progress=progress,
+    )
+    if args.json:
+        _json_out(rows)
+    else:
+        dtype = "bf16 autocast" if args.amp else "fp32"
+        flags = ", ".join(f for f, on in (("channels_last", args.channels_last), ("compile", args.compile)) if on)
+        title = f"benchmark: {args.device}, {dtype}, batch {args.batch_size}" + (f", {flags}" if flags else "")
+        _console().print(format_table(rows, title=title))
+        _console().print("[dim]GFLOPs = multiply-adds per sample; peak MB: see `zoo.bench` docs[/dim]")
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+# ---------------------------------------------------------------------------------------- explain
+def cmd_explain(args: argparse.Namespace) -> int:
+    import torch
+
+    import zoo
+    from .explain import denormalize, load_image, load_net_from_checkpoint, normalize, save_attention_maps
+
+    class_names: list[str] = []
+    if args.ckpt:
+        net, hp = load_net_from_checkpoint(args.ckpt)
+        model = hp.get("model")
+        name = model if isinstance(model, str) else model["name"]
+        class_names = list((hp.get("data_info") or {}).get("class_names") or [])
+    else:
+        name = args.model
+        kwargs = _json_kwargs(args.model_kwargs)
+        num_classes = args.num_classes if args.num_classes is not None else kwargs.pop("num_classes", None)
+        net = zoo.create_model(name, num_classes=num_classes, pretrained_file=args.pretrained_file, **kwargs)
+    spec = zoo.get_spec(name)
+    if spec.task == "mil":
+        raise ZooError(f"{name} is a MIL model: `zoo explain` draws maps over single images; "
+                       "use `python evaluate.py ... explain=true` for bags")
+    if not callable(getattr(net, "attention_maps", None)):
+        raise ZooError(f"{name} defines no attention_maps(x); `zoo explain` needs a model that does")
+    size = (args.img_size, args.img_size) if args.img_size else tuple(spec.input_size[-2:])
+    spec.check_input_size(size)
+
+    paths = [Path(p) for p in args.images]
+    for p in paths:
+        if not p.is_file():
+            raise ZooError(f"image not found: {p}")
+    stems: list[str] = []
+    for p in paths:  # unique file stems even for same-named images from different folders
+        stem, n = p.stem, 1
+        while stem in stems:
+            n += 1
+            stem = f"{p.stem}-{n}"
+        stems.append(stem)
+
+    device = torch.device(args.device)
+    net = net.to(device).eval()
+    out_dir = Path(args.out)
+    written: list[Path] = []
+    console = _console()
+    for start in range(0, len(paths), args.batch_size):
+        chunk = paths[start:start + args.batch_size]
+        try:
+            imgs = torch.stack([load_image(p, size, channels=spec.input_size[0]) for p in chunk])
+        except OSError as e:  # PIL.UnidentifiedImageError is an OSError
+            raise ZooError(f"cannot read image: {e}") from None
+        x = normalize(imgs, spec.mean, spec.std).to(device)
+        with torch.no_grad():
+            maps = net.attention_maps(x)
+            logits = net(x) if spec.task == "classification" else None
+        if not isinstance(maps, dict) or not maps:
+            raise ZooError(f"{name}.attention_maps(x) returned {type(maps).__name__}, not a dict of [B, K, h, w] maps")
+        titles = [p.name for p in chunk]
+        if logits is not None and isinstance(logits, torch.Tensor) and logits.ndim == 2:
+            prob = logits.float().softmax(-1)
+            conf, cls = prob.max(-1)
+            label = [class_names[int(c)] if int(c) < len(class_names) else f"class {int(c)}" for c in cls]
+            titles = [f"{t} ({lab}, p={float(q):.3g})" for t, lab, q in zip(titles, label, conf)]
+        written += save_attention_maps(
+            denormalize(x.cpu(), spec.mean, spec.std), maps, out_dir, max_images=len(chunk),
+            titles=titles, names=stems[start:start + args.batch_size], alpha=args.alpha, cmap=args.cmap,
+        )
+    for p in written:
+        console.print(str(p), soft_wrap=True, highlight=False)
+    console.print(f"[green]wrote {len(written)} PNGs[/green] for {len(paths)} image(s) to {out_dir}", soft_wrap=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zoo", description="Attention Zoo: list, inspect, benchmark and explain models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{list,info,bench,explain}")
+
+    s = sub.add_parser("list", help="registered models, with task, parameters and input size")
+    s.add_argument("pattern", nargs="?", default="*", help="wildcard over names, e.g. 'halonet*'")
+    s.add_argument("--task", choices=TASKS)
+    s.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("info", help="a model's spec and a layer summary (one forward at its default size)")
+    s.add_argument("name")
+    s.add_argument("--img-size", type=int, default=None, help="side of the example input (default: the spec's)")
+    s.add_argument("--depth", type=int, default=2, help="module tree depth (default 2)")
+    s.add_argument("--bag-size", type=int, default=8, help="MIL: instances in the example bag")
+    s.add_argument("--in-dim", type=int, default=64, help="MIL: feature size of the example bag")
+    s.add_argument("--bag-images", action="store_true", help="MIL: a bag of images at the instance size")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("bench", help="throughput, parameters, GFLOPs (multiply-adds) and peak memory")
+    s.add_argument("specs", nargs="+", metavar="SPEC", help="zoo name, wildcard ('halonet*') or timm:NAME")
+    s.add_argument("--img-size", type=int, default=None, help="default: each model's own input size")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    s.add_argument("--amp", action="store_true", help="torch.autocast to bfloat16")
+    s.add_argument("--channels-last", action="store_true")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--train", action="store_true", help="also time forward + backward + SGD steps")
+    s.add_argument("--warmup", type=int, default=3)
+    s.add_argument("--iters", type=int, default=10)
+    s.add_argument("--bag-size", type=int, default=512, help="MIL: instances per bag")
+    s.add_argument("--feat-dim", type=int, default=512, help="MIL: instance feature size (passed as in_dim)")
+    s.add_argument("--bag-images", action="store_true",
+                   help="MIL: bags of images at the spec's instance size (models with an instance encoder)")
+    s.add_argument("--model-kwargs", default=None, help="JSON object of constructor kwargs for zoo models")
+    s.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
+    s.add_argument("--no-isolate", action="store_true", help="run all models in this process (faster start)")
+    s.add_argument("--json", action="store_true", help="print only a JSON list of rows")
+    s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("explain", help="write attention-map overlays (PNG) for images")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a zoo model name")
+    src.add_argument("--ckpt", help="a Lightning checkpoint written by a zoo task module")
+    s.add_argument("--pretrained-file", default=None, help="weights file for --model")
+    s.add_argument("--num-classes", type=int, default=None, help="classifier size for --model")
+    s.add_argument("--model-kwargs", default=None, help="JSON object of constructor kwargs for --model")
+    s.add_argument("images", nargs="+", metavar="IMAGE")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--img-size", type=int, default=None, help="default: the model's input size")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--alpha", type=float, default=0.5)
+    s.add_argument("--cmap", default="jet")
+    s.set_defaults(func=cmd_explain)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "pretrained_file", None) and getattr(args, "ckpt", None):
+        build_parser().error("--pretrained-file goes with --model, not --ckpt")
+    try:
+        return args.func(args)
+    except ZooError as e:
+        from rich.markup import escape
+
+        msg = " ".join(str(e.args[0] if e.args else e).split())
+        _console(stderr=True).print(f"[red]error: {escape(msg)}[/red]", soft_wrap=True, highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
