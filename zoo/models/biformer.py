@@ -1,0 +1,429 @@
+"""BiFormer: vision transformer with bi-level routing attention (BRA).
+
+Paper: Zhu et al., "BiFormer: Vision Transformer with Bi-Level Routing Attention", CVPR 2023 (arXiv 2303.08810).
+Origin: rayleizhu/BiFormer @ 1697bbbe, ``models/biformer.py``, ``ops/bra_legacy.py`` and ``models/_common.py``
+(the legacy op is the one the released T/S/B checkpoints were trained with). Rewritten here; the maths is
+the official code's, checked side by side with it to 1e-4 on shared weights.
+
+BRA (per stage with ``topk > 0``), on an NHWC map split into ``n_win x n_win`` regions:
+1. one shared ``Linear(dim, 3 dim)`` gives q, k, v (``qk_dim = dim``);
+2. region affinity ``(mean_r(q) * scale) @ mean_r(k)^T`` on *detached* q and k (no gradient through routing);
+3. each query region keeps the ``topk`` regions of highest affinity (routing weights are not used);
+4. token-to-token multi-head attention of the region's queries over the routed regions' tokens with the
+   official **full-width** scale ``dim ** -0.5`` (not ``head_dim ** -0.5``);
+5. LCE: ``+ DWConv5x5(v)`` with v laid out as the image, then the output linear.
+Stage 4 (``topk=-2``) is ``AttentionLePE``: global attention with 8 heads whatever the width, no qkv bias,
+scale ``head_dim ** -0.5`` and the 5x5 depthwise LePE applied to the attention *input* ``x`` (not to v).
+Block: ``x + DWConv3x3(x)`` (conditional position embedding), then pre-norm attention and a ratio-3 GELU MLP,
+LayerNorm eps 1e-6, no layer scale. Stem: Conv3x3/2 (C/2) - BN - GELU - Conv3x3/2 (C) - BN; downsampling:
+Conv3x3/2 - BN; head: BatchNorm2d - global average pool - Linear. Linear layers: trunc_normal(0.02), zero bias.
+
+Documented choices / deviations:
+- **Speed.** The official op gathers k and v together, splits and rearranges them (three k-fold copies) and
+  materialises the attention matrix. Here qkv is laid out by region once, the routed regions' k|v are picked
+  with one ``index_select`` (the single k-fold copy the algorithm needs: each region attends to its own set),
+  and attention runs in ``F.scaled_dot_product_attention`` on strided views (no further copies).
+- **Padding.** Sizes that are not multiples of ``n_win`` are always zero-padded (the official ``auto_pad``;
+  without padding nothing changes). Unlike the official code, padded tokens are masked: region means are taken
+  over real tokens only, regions with no real token cannot be routed to, padded keys get no attention, and LCE
+  runs on the unpadded v (zero border, as for an input of that size). For divisible sizes this is the
+  official computation.
+- **Module names** are timm-like (``stem``, ``stages.i.downsample``, ``stages.i.blocks.j``, ``attn.qkv``,
+  ``attn.proj``, ``mlp.fc1/fc2``); :func:`checkpoint_filter` maps the official keys
+  (``downsample_layers.*``, ``stages.i.j.*``, ``attn.qkv.qkv``, ``attn.wo``, ``mlp.0/3``), raw or under ``model``.
+- ``n_win`` (regions per side) is a constructor argument, as the official dense-task configs change it
+  (8 for segmentation at 512, 16 for detection); ``topk`` must not exceed ``n_win ** 2``.
+- ``forward_intermediates`` gives the four stage maps (strides 4, 8, 16, 32) for dense heads;
+  :class:`BiFormerFPN` puts the zoo's semantic-FPN decoder on them, with a LayerNorm2d per output as the
+  official segmentation backbone has.
+- ``pretrained=True`` is not supported (the official OneDrive links are dead and nothing can be downloaded
+  here): pass ``pretrained_file=`` with an official ``.pth`` instead.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
+from torch import nn
+
+from ..registry import register_model
+from .fpn import FPNDecoder
+
+PAPER = "Zhu et al., BiFormer: Vision Transformer with Bi-Level Routing Attention, CVPR 2023"
+SOURCE = "zoo rewrite of rayleizhu/BiFormer@1697bbbe (models/biformer.py, ops/bra_legacy.py)"
+
+
+# ---------------------------------------------------------------------------------------- attention
+def _valid_tokens(h: int, w: int, hp: int, wp: int, n_win: int, device: torch.device) -> torch.Tensor:
+    """Bool ``[n_win**2, rh * rw]``: which tokens of each region lie inside the unpadded ``h x w`` map."""
+    rh, rw = hp // n_win, wp // n_win
+    valid = (torch.arange(hp, device=device) < h)[:, None] & (torch.arange(wp, device=device) < w)[None, :]
+    return valid.view(n_win, rh, n_win, rw).permute(0, 2, 1, 3).reshape(n_win * n_win, rh * rw)
+
+
+class BiLevelRoutingAttention(nn.Module):
+    """BRA on NHWC maps (official ``ops/bra_legacy.BiLevelRoutingAttention`` with the released settings:
+    ``param_attention='qkvo'``, ``kv_downsample_mode='identity'``, no routing params, no soft routing)."""
+
+    def __init__(self, *, dim: int, num_heads: int, n_win: int, topk: int, qk_scale: float | None = None,
+                 side_dwconv: int = 5):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        if not 0 < topk <= n_win * n_win:
+            raise ValueError(f"topk must be in 1..n_win**2 = {n_win * n_win}, got {topk} (n_win={n_win})")
+        self.dim, self.num_heads, self.n_win, self.topk = dim, num_heads, n_win, topk
+        self.scale = qk_scale or dim ** -0.5  # official: full width qk_dim ** -0.5, not per head
+        self.qkv = nn.Linear(dim, 3 * dim)  # official attn.qkv.qkv: [q | k | v]
+        self.proj = nn.Linear(dim, dim)  # official attn.wo
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)  # LCE on v
+
+    def _project(self, x: torch.Tensor):
+        """qkv by region + everything routing needs. Returns (qkv [N*S2, T, 3C], lepe NHWC, idx [N, S2, k],
+        key-valid mask [S2, T] or None, padded size)."""
+        n, h, w, c = x.shape
+        s = self.n_win
+        qkv = self.qkv(x)
+        lepe = self.lepe(qkv[..., 2 * c:].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # on the unpadded v
+        ph, pw = (-h) % s, (-w) % s
+        if ph or pw:
+            qkv = F.pad(qkv, (0, 0, 0, pw, 0, ph))
+        hp, wp = h + ph, w + pw
+        rh, rw = hp // s, wp // s
+        # (n, S*rh, S*rw, 3c) -> (n*S2, rh*rw, 3c): the one re-layout copy
+        qkv = qkv.view(n, s, rh, s, rw, 3 * c).permute(0, 1, 3, 2, 4, 5).reshape(n * s * s, rh * rw, 3 * c)
+        valid = _valid_tokens(h, w, hp, wp, s, x.device) if (ph or pw) else None
+        with torch.no_grad():  # diff_routing=False: q and k are detached for routing
+            qk = qkv[..., : 2 * c]
+            if valid is None:
+                qk_r = qk.mean(1)
+            else:  # mean over real tokens only
+                m = valid.to(qk.dtype).repeat(n, 1)[..., None]
+                qk_r = (qk * m).sum(1) / m.sum(1).clamp_min(1)
+            q_r, k_r = qk_r.view(n, s * s, 2 * c).split(c, -1)
+            logits = (q_r * self.scale) @ k_r.transpose(-1, -2)  # (n, S2, S2)
+            if valid is not None:
+                logits = logits.masked_fill(~valid.any(1), float("-inf"))  # empty regions are never routed to
+            idx = torch.topk(logits, k=self.topk, dim=-1).indices  # routing weights: unused (mul_weight='none')
+        return qkv, lepe, idx, valid, (hp, wp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, h, w, c = x.shape
+        s, k, heads = self.n_win, self.topk, self.num_heads
+        hd = c // heads
+        qkv, lepe, idx, valid, (hp, wp) = self._project(x)
+        t = qkv.shape[1]
+        flat = (idx + torch.arange(n, device=x.device).view(n, 1, 1) * (s * s)).reshape(-1)
+        kv = qkv[..., c:].index_select(0, flat).view(n * s * s, k * t, 2, heads, hd)  # routed k|v, one copy
+        q = qkv[..., :c].unflatten(-1, (heads, hd)).transpose(1, 2)  # (n*S2, heads, t, hd), a view
+        mask = None
+        if valid is not None:  # padded keys take no part in attention
+            mask = valid[idx].view(n * s * s, 1, 1, k * t)
+        out = F.scaled_dot_product_attention(q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
+                                             attn_mask=mask, scale=self.scale)
+        out = out.transpose(1, 2).reshape(n, s, s, hp // s, wp // s, c).permute(0, 1, 3, 2, 4, 5)
+        out = out.reshape(n, hp, wp, c)[:, :h, :w]
+        return self.proj(out + lepe)
+
+    @torch.no_grad()
+    def routing_and_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """For explanation: routed region indices ``[N, S2, k]`` and the token attention probabilities
+        ``[N, S2, heads, T, k*T]`` (queries of each region over its routed tokens), with the padded size."""
+        n, h, w, c = x.shape
+        s, heads = self.n_win, self.num_heads
+        qkv, _, idx, valid, padded = self._project(x)
+        t = qkv.shape[1]
+        q = qkv[..., :c].unflatten(-1, (heads, c // heads)).transpose(1, 2)
+        kk = qkv[..., c:2 * c].reshape(n, s * s, t, heads, c // heads)
+        kk = kk[torch.arange(n, device=x.device)[:, None, None], idx]  # (n, S2, k, t, heads, hd)
+        kk = kk.reshape(n * s * s, -1, heads, c // heads).transpose(1, 2)
+        logits = (q * self.scale) @ kk.transpose(-1, -2)
+        if valid is not None:
+            logits = logits.masked_fill(~valid[idx].view(n * s * s, 1, 1, -1), float("-inf"))
+        return idx, logits.softmax(-1).view(n, s * s, heads, t, -1), padded
+
+
+class AttentionLePE(nn.Module):
+    """Stage-4 global attention (official ``_common.AttentionLePE``): 8 heads by default whatever the width,
+    no qkv bias, scale ``head_dim ** -0.5``, LePE = 5x5 depthwise conv on the attention input ``x``."""
+
+    def __init__(self, *, dim: int, num_heads: int = 8, qk_scale: float | None = None, side_dwconv: int = 5):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, h, w, c = x.shape
+        q, k, v = self.qkv(x).view(n, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = out.transpose(1, 2).reshape(n, h, w, c) + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.proj(out)
+
+
+class Block(nn.Module):
+    """``x + DWConv3x3(x)``, then pre-norm attention and MLP (official ``models/biformer.Block``). NCHW in/out."""
+
+    def __init__(self, *, dim: int, num_heads: int, n_win: int, topk: int, mlp_ratio: float = 3.0,
+                 drop_path: float = 0.0, side_dwconv: int = 5, before_attn_dwconv: int = 3):
+        super().__init__()
+        self.pos_embed = nn.Conv2d(dim, dim, before_attn_dwconv, padding=1, groups=dim)  # official: padding=1
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        if topk > 0:
+            self.attn = BiLevelRoutingAttention(dim=dim, num_heads=num_heads, n_win=n_win, topk=topk,
+                                                side_dwconv=side_dwconv)
+        elif topk == -2:
+            self.attn = AttentionLePE(dim=dim, side_dwconv=side_dwconv)  # official passes no num_heads: 8
+        else:
+            raise ValueError(f"topk must be > 0 (BRA) or -2 (global attention + LePE), got {topk}")
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.pos_embed(x)
+        x = x.permute(0, 2, 3, 1)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x.permute(0, 3, 1, 2)
+
+
+class Stage(nn.Module):
+    def __init__(self, downsample: nn.Module, blocks: list[Block]):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.downsample(x))
+
+
+# ---------------------------------------------------------------------------------------- model
+class BiFormer(nn.Module):
+    """BiFormer classifier (timm surface: forward_features / forward_head / forward_intermediates)."""
+
+    def __init__(
+        self,
+        *,
+        depths: Sequence[int] = (2, 2, 8, 2),
+        embed_dims: Sequence[int] = (64, 128, 256, 512),
+        head_dim: int = 32,
+        topks: Sequence[int] = (1, 4, 16, -2),
+        n_win: int = 7,
+        mlp_ratios: Sequence[float] = (3, 3, 3, 3),
+        side_dwconv: int = 5,
+        before_attn_dwconv: int = 3,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed_dims = list(embed_dims)
+        self.num_features = embed_dims[-1]
+        self.n_win = n_win
+        self.stem = nn.Sequential(  # official downsample_layers[0]
+            nn.Conv2d(in_chans, embed_dims[0] // 2, 3, 2, 1), nn.BatchNorm2d(embed_dims[0] // 2), nn.GELU(),
+            nn.Conv2d(embed_dims[0] // 2, embed_dims[0], 3, 2, 1), nn.BatchNorm2d(embed_dims[0]),
+        )
+        total = sum(depths)
+        dpr = [drop_path_rate * i / max(1, total - 1) for i in range(total)]  # linspace, meta-device safe
+        stages, cur = [], 0
+        for i, (d, dim) in enumerate(zip(depths, embed_dims)):
+            down = nn.Identity() if i == 0 else nn.Sequential(
+                nn.Conv2d(embed_dims[i - 1], dim, 3, 2, 1), nn.BatchNorm2d(dim))
+            blocks = [Block(dim=dim, num_heads=dim // head_dim, n_win=n_win, topk=topks[i], mlp_ratio=mlp_ratios[i],
+                            drop_path=dpr[cur + j], side_dwconv=side_dwconv, before_attn_dwconv=before_attn_dwconv)
+                      for j in range(d)]
+            stages.append(Stage(down, blocks))
+            cur += d
+        self.stages = nn.ModuleList(stages)
+        self.feature_info = [dict(num_chs=c, reduction=4 * 2 ** i, module=f"stages.{i}") for i, c in enumerate(embed_dims)]
+        self.norm = nn.BatchNorm2d(embed_dims[-1])
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ---- timm surface
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean((2, 3))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """NCHW outputs of the stages in ``indices`` (default all four: strides 4, 8, 16, 32), un-normed."""
+        indices = list(range(len(self.stages))) if indices is None else [i % len(self.stages) for i in indices]
+        x, outs = self.stem(x), []
+        for i, stage in enumerate(self.stages[: max(indices) + 1]):
+            x = stage(x)
+            if i in indices:
+                outs.append(x)
+        return outs
+
+    # ---- explanation
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor, stage: int = 1, block: int = -1,
+                       query_regions: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """Bi-level routing of one BRA block (default: last block of stage 2, 0-based ``stage=1``).
+
+        For K chosen query regions (default: top-left, centre, bottom-right):
+        ``routed``: ``[B, K, S, S]`` 1 on the regions routed to (the query region itself is marked 0.5 when
+        not routed); ``attention``: ``[B, K, h, w]`` token attention of the query region's tokens (mean over
+        its real queries and the heads) on the stage's feature map, zero outside the routed regions.
+        """
+        attn = self.stages[stage].blocks[block].attn
+        if not isinstance(attn, BiLevelRoutingAttention):
+            raise ValueError(f"stage {stage} has no bi-level routing attention (global attention stage)")
+        captured = {}
+        handle = attn.register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0]))
+        try:
+            self.forward_intermediates(x, indices=[stage])
+        finally:
+            handle.remove()
+        xa = captured["x"]
+        n, h, w, _ = xa.shape
+        s = attn.n_win
+        idx, probs, (hp, wp) = attn.routing_and_probs(xa)
+        rh, rw = hp // s, wp // s
+        t = rh * rw
+        if query_regions is None:
+            query_regions = [0, (s // 2) * s + s // 2, s * s - 1]
+        qr = torch.as_tensor(list(query_regions), device=x.device)
+        valid = _valid_tokens(h, w, hp, wp, s, x.device) if (hp, wp) != (h, w) else torch.ones(s * s, t, dtype=torch.bool, device=x.device)
+        p = probs[:, qr].mean(2)  # (n, K, t, k*t): mean over heads
+        qv = valid[qr].to(p.dtype)  # average over the real queries of the region only
+        p = (p * qv[None, :, :, None]).sum(2) / qv.sum(1).clamp_min(1)[None, :, None]  # (n, K, k*t)
+        sel = idx[:, qr]  # (n, K, k)
+        routed = torch.zeros(n, len(qr), s * s, device=x.device)
+        routed.scatter_(2, qr.view(1, -1, 1).expand(n, -1, 1), 0.5)
+        routed.scatter_(2, sel, 1.0)
+        tok = torch.zeros(n, len(qr), s * s, t, device=x.device)
+        tok.scatter_add_(2, sel[..., None].expand(-1, -1, -1, t), p.view(n, len(qr), -1, t))
+        tok = tok.view(n, len(qr), s, s, rh, rw).permute(0, 1, 2, 4, 3, 5).reshape(n, len(qr), hp, wp)[..., :h, :w]
+        return {f"s{stage + 1}_routed_regions": routed.view(n, -1, s, s), f"s{stage + 1}_token_attention": tok}
+
+
+# ---------------------------------------------------------------------------------------- segmentation
+class BiFormerFPN(nn.Module):
+    """Semantic-FPN segmenter on a BiFormer encoder (LayerNorm2d per stage output, as the official
+    segmentation backbone). ``forward(x) -> [B, num_classes, H, W]``."""
+
+    def __init__(self, *, num_classes: int = 21, in_chans: int = 3, decoder_channels: int = 64,
+                 dropout: float = 0.1, encoder: dict | None = None):
+        super().__init__()
+        self.num_classes = num_classes
+        self.encoder = BiFormer(in_chans=in_chans, num_classes=0, **(encoder or {}))
+        dims = self.encoder.embed_dims
+        self.out_norms = nn.ModuleList(LayerNorm2d(c) for c in dims)
+        self.decoder = FPNDecoder(dims, decoder_channels)
+        self.head = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(decoder_channels, num_classes, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [norm(f) for norm, f in zip(self.out_norms, self.encoder.forward_intermediates(x))]
+        logits = self.head(self.decoder(feats))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def freeze_backbone(self) -> None:
+        self.encoder.requires_grad_(False)
+
+    def attention_maps(self, x: torch.Tensor, **kw) -> dict[str, torch.Tensor]:
+        return self.encoder.attention_maps(x, **kw)
+
+
+# ---------------------------------------------------------------------------------------- weights
+def _official_key(k: str) -> str:
+    """One official key -> zoo key."""
+    parts = k.split(".")
+    if parts[0] == "downsample_layers":
+        i = int(parts[1])
+        k = ".".join(["stem", *parts[2:]]) if i == 0 else ".".join(["stages", str(i), "downsample", *parts[2:]])
+    elif parts[0] == "stages" and len(parts) > 2 and parts[2].isdigit():
+        k = ".".join(["stages", parts[1], "blocks", *parts[2:]])
+    return (k.replace(".attn.qkv.qkv.", ".attn.qkv.").replace(".attn.wo.", ".attn.proj.")
+            .replace(".mlp.0.", ".mlp.fc1.").replace(".mlp.3.", ".mlp.fc2."))
+
+
+def checkpoint_filter(state_dict: dict, model: nn.Module) -> dict:
+    """Official BiFormer checkpoint (raw state dict or wrapped under ``model``) -> zoo keys. Zoo-layout
+    dicts pass unchanged; for :class:`BiFormerFPN` the backbone keys go under ``encoder.`` (head dropped)."""
+    if "model" in state_dict and isinstance(state_dict["model"], dict):
+        state_dict = state_dict["model"]
+    out = {_official_key(k): v for k, v in state_dict.items()}
+    if isinstance(model, BiFormerFPN) and not any(k.startswith("encoder.") for k in out):
+        out = {f"encoder.{k}": v for k, v in out.items() if not k.startswith(("head.", "norm."))}
+    return out
+
+
+# ---------------------------------------------------------------------------------------- variants
+def _biformer(pretrained: bool, **kwargs) -> BiFormer:
+    if pretrained:
+        raise ValueError("BiFormer weights cannot be downloaded (the official OneDrive links are dead); "
+                         "pass pretrained_file='biformer_small_best.pth' (an official checkpoint) instead")
+    return BiFormer(**kwargs)
+
+
+_SPEC = dict(task="classification", paper=PAPER, source=SOURCE, checkpoint_filter=checkpoint_filter, min_size=32)
+
+
+@register_model(meta=dict(params_m=13.14, gflops=2.2, top1=81.4, dataset="imagenet-1k@224"), **_SPEC)
+def biformer_tiny(pretrained: bool = False, **kwargs) -> BiFormer:
+    return _biformer(pretrained, **{**dict(depths=(2, 2, 8, 2), embed_dims=(64, 128, 256, 512)), **kwargs})
+
+
+@register_model(meta=dict(params_m=25.54, gflops=4.5, top1=83.8, dataset="imagenet-1k@224"), **_SPEC)
+def biformer_small(pretrained: bool = False, **kwargs) -> BiFormer:
+    return _biformer(pretrained, **{**dict(depths=(4, 4, 18, 4), embed_dims=(64, 128, 256, 512)), **kwargs})
+
+
+@register_model(meta=dict(params_m=56.80, gflops=9.8, top1=84.3, dataset="imagenet-1k@224"), **_SPEC)
+def biformer_base(pretrained: bool = False, **kwargs) -> BiFormer:
+    return _biformer(pretrained, **{**dict(depths=(4, 4, 18, 4), embed_dims=(96, 192, 384, 768)), **kwargs})
+
+
+NANO = dict(depths=(1, 2, 2, 1), embed_dims=(32, 64, 128, 256), n_win=4, topks=(2, 4, 8, -2))
+
+
+@register_model(input_size=(3, 64, 64), **{**_SPEC, "min_size": 8, "source": SOURCE + "; nano config: zoo"})
+def biformer_nano(pretrained: bool = False, **kwargs) -> BiFormer:
+    """CPU-sized BiFormer for 32-64 px: 4x4 regions, top-(2, 4, 8) routing, global attention in stage 4."""
+    return _biformer(pretrained, **{**NANO, **kwargs})
+
+
+@register_model(task="segmentation", input_size=(3, 64, 64), min_size=8, paper=PAPER, checkpoint_filter=checkpoint_filter,
+                source=SOURCE + "; semantic-FPN decoder from zoo/models/fpn.py")
+def biformer_fpn_nano(pretrained: bool = False, **kwargs) -> BiFormerFPN:
+    if pretrained:
+        raise ValueError("biformer_fpn_nano has no published weights; use pretrained_file=")
+    kwargs["encoder"] = {**NANO, **(kwargs.get("encoder") or {})}
+    return BiFormerFPN(**kwargs)
