@@ -1,0 +1,116 @@
+"""Sparsifiner: connectivity mask, sparse execution, dense equivalence, training phases, FLOP accounting."""
+import math
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import param_groups_weight_decay
+
+import zoo
+from zoo.models.sparsifiner import gather_attention, masked_dense_attention, mhsa_macs
+
+NANO = dict(num_classes=10)
+
+
+def nano(**kw):
+    torch.manual_seed(0)
+    return zoo.create_model("sparsifiner_deit_nano", **{**NANO, **kw})
+
+
+def test_mask_density_equals_keep_rate():
+    m = nano(attn_keep_rate=0.25).eval()
+    masks = m.connectivity(torch.randn(2, 3, 32, 32))
+    n = m.num_tokens
+    k = math.ceil(0.25 * n)
+    for mask in masks:
+        assert mask.shape == (2, 3, n, n)
+        assert torch.all(mask[:, :, 0] == 1)  # class-token row dense
+        assert torch.all(mask[:, :, 1:].sum(-1) == k)  # exactly K keys per other query
+        assert abs(mask[:, :, 1:].mean().item() - 0.25) <= 1 / n
+
+
+def test_keep_rate_one_equals_dense_deit():
+    m = nano(attn_keep_rate=1.0).eval()
+    ref = VisionTransformer(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, num_classes=10).eval()
+    ref.load_state_dict({k: v for k, v in m.state_dict().items() if ".mask_predictor." not in k})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_gather_execution_equals_masked_dense():
+    torch.manual_seed(0)
+    B, H, n, d, K = 2, 3, 33, 16, 9
+    q, k, v = (torch.randn(B, H, n, d) for _ in range(3))
+    idx = torch.rand(B, H, n, n).topk(K, -1).indices
+    out = gather_attention(q, k, v, idx, d ** -0.5, chunk=50)  # several chunks
+    torch.testing.assert_close(out, masked_dense_attention(q, k, v, idx, d ** -0.5), atol=1e-5, rtol=1e-5)
+    full = torch.arange(n).expand(B, H, n, n)  # all keys kept == plain softmax attention
+    dense = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5, -1) @ v
+    torch.testing.assert_close(gather_attention(q, k, v, full, d ** -0.5), dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prune", [(), (1, 3)])
+def test_model_gather_equals_masked(prune):
+    x = torch.randn(2, 3, 32, 32)
+    a = nano(token_pruning_loc=prune, token_keep_rate=0.7).eval()
+    b = nano(token_pruning_loc=prune, token_keep_rate=0.7, execution="masked").eval()
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), atol=1e-5, rtol=1e-5)
+
+
+def _step(m, x, y):
+    opt = torch.optim.AdamW(param_groups_weight_decay(m, 0.05, m.no_weight_decay()), lr=1e-2)
+    before = {k: p.detach().clone() for k, p in m.named_parameters()}
+    _, losses = m.forward_train(x, y)
+    sum(losses.values()).backward()
+    opt.step()
+    changed = {k for k, p in m.named_parameters() if not torch.equal(p, before[k])}
+    return changed, losses
+
+
+def test_phases_train_only_their_parameters(tmp_path):
+    teacher = tmp_path / "teacher.pt"
+    torch.save(nano(attn_keep_rate=1.0).state_dict(), teacher)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    pred_names = {k for k, _ in nano().named_parameters() if ".mask_predictor." in k}
+
+    m = nano(phase="predictor", teacher_ckpt=str(teacher))
+    m.train()
+    changed, losses = _step(m, x, y)
+    assert set(losses) == {"attn_recon"}
+    assert changed == pred_names
+    assert "teacher" not in " ".join(m.state_dict())  # the teacher is not part of the student
+
+    m = nano(phase="backbone", teacher_ckpt=str(teacher), freeze_pos_embed=True)
+    m.load_state_dict(torch.load(teacher))
+    m.train()
+    changed, losses = _step(m, x, y)
+    assert set(losses) == {"ce", "cls_distill", "token_distill"}
+    assert changed and not (changed & pred_names)
+    assert "pos_embed" not in changed and "cls_token" not in changed
+    assert len(changed) == len([k for k, _ in m.named_parameters()]) - len(pred_names) - 2
+
+
+def test_token_pruning_and_maps():
+    m = nano(token_pruning_loc=(1, 3), token_keep_rate=0.7).eval()
+    x = torch.randn(2, 3, 32, 32)
+    masks = m.connectivity(x)
+    kept_last = math.ceil(0.7 ** 2 * 64)
+    assert int((masks[-1][0, 0, 0, 1:] > 0).sum()) == kept_last  # class row: the kept patches only
+    maps = m.attention_maps(x)
+    (name, a), = maps.items()
+    assert a.shape == (2, 4, 8, 8) and name == "connectivity_l5"
+    m.train()
+    _, losses = m.forward_train(x, torch.tensor([1, 2]))
+    assert torch.isfinite(losses["ce"])
+
+
+def test_small_mhsa_reduction_at_224():
+    with torch.device("meta"):
+        m = zoo.get_spec("sparsifiner_deit_small").builder(attn_keep_rate=0.25)
+    extras = m.bench_extras(224)
+    assert extras["mhsa_flops_reduction"] >= 0.48
+    dense, sparse, pred = mhsa_macs(m)
+    assert dense == pytest.approx(12 * 2 * 197 * 197 * 384)

@@ -1,0 +1,554 @@
+"""Sparsifiner: learned instance-dependent sparse attention on timm's DeiT / ViT.
+
+Paper: "Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision Transformers",
+Wei et al., CVPR 2023 (arXiv 2303.13755). Origin: the official code lim142857/Sparsifiner (commit 9a11e263,
+MIT), ``src/models/sparsifiner.py`` (``MaskPredictor``, ``Attention``), ``src/losses.py`` and ``src/main.py``
+(two-phase training), default YAML ``sparsifiner_default_config.yaml``. Built on timm's
+``VisionTransformer`` / ``Block`` / ``Attention`` so that DeiT weights load unchanged (parameter names of
+the official model: ``blocks.i.attn.mask_predictor.{proj_c_q,proj_c_k,proj_n,proj_back_n}``).
+
+Connectivity predictor (one per layer, per head; ``q, k: [B, H, N, d]``), as in the official code:
+  1. channel reduction ``q' = proj_c_q(q)``, ``k' = proj_c_k(k)`` (d -> d / ``reduce_c_factor``, default 2);
+  2. low-rank token projection ``k'' = k'^T P_n`` with ``P_n: [N, N // reduce_n_factor]`` (YAML: 6);
+  3. coefficients ``C = softmax(q' k'' * num_heads**-0.5)`` (the code's scale, not head_dim**-0.5), class
+     query row dropped; sparsified at inference to the top ``coef_topk`` = 8 per row;
+  4. up-projection basis ``W_up = P_back^T``, thresholded at inference as ``Threshold(|W_up|, 2e-2)``
+     (absolute values are kept, as the code does); approximate attention ``A_hat = C @ W_up``;
+  5. binary mask: the top ``ceil(attn_keep_rate * N)`` keys per query row of ``A_hat``; class-token row
+     dense. The mask is detached: the task loss never trains the predictor.
+In training mode of phase one ("predictor", the code's ``attn_recon``) the attention is dense, the basis
+is not thresholded and the coefficients not top-k'd; everywhere else (phase two training and eval) the
+mask is computed as at inference, like the code.
+
+Documented choices and deviations:
+- REAL sparse execution (the code computes dense attention and masks it): each non-class query gathers
+  only its K kept keys and values (``execution="gather"``, default) and the work of QK^T and AV shrinks
+  to K / N; ``execution="masked"`` is the code's dense-then-mask path, kept for checks. Both give the
+  same output (tests: within 1e-5).
+- The predictor's products are reassociated (same function, fewer multiply-adds):
+  ``k'' = W_k (k^T P_n) + b_k (1^T P_n)`` and ``q' k'' = q^T (W_q^T k'') + b_q^T k''``; the top-8
+  coefficient product gathers the 8 basis rows instead of multiplying by a zero-filled dense matrix.
+- Token sparsity (optional; ``token_pruning_loc``, default ``()`` as the default YAML, the code default
+  is ``(3, 6, 9)``): after those layers the patch tokens are ranked by the class-token attention
+  averaged over heads (EViT-style, as the code) and the top ``ceil(rho^j (N - 1))`` are kept.
+  Pruned tokens are REMOVED (the code zeroes them): outputs of kept tokens are the same, except that
+  the code's class token still spends softmax mass on pruned tokens (their zeroed keys give logit 0);
+  here it does not. The attention budget is ``min(ceil(rate N), kept patches)`` computed per call,
+  not by mutating ``self.attn_budget`` in place (the code's stateful bug).
+- ``P_n`` / ``P_back`` are sized for the token count, so the input size is fixed per model.
+- Training phases are a constructor argument ``phase`` that sets ``requires_grad``: "predictor"
+  trains only ``mask_predictor`` parameters, "backbone" (default) everything else. The code excludes
+  ``pos_embed`` and ``cls_token`` from its optimiser; ``freeze_pos_embed=True`` does the same.
+- ``forward_train(x, y)``: phase one ``0.01 * mean_layers MSE_sum(A_hat, A_teacher[:, :, 1:])``; phase
+  two ``CE + 0.5 KL(teacher || student) (log-target) + 0.5 MSE(last-layer patch tokens)``, the code's
+  weights. The frozen dense teacher is built lazily from ``teacher_ckpt`` (a zoo checkpoint, a timm
+  DeiT weights file or an official one), kept outside the module tree (not in state_dict, not moved
+  by ``.to``: it follows the input's device). Without a teacher, phase one fits the model's own dense
+  attention (the same thing when the student starts from the teacher, as in the code) and phase two
+  is plain CE. Mixup / soft targets and EMA of the official recipe are not reproduced.
+- ``attn_keep_rate >= 1`` runs plain dense attention (no predictor): the dense DeiT baseline.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from torch import nn
+
+from ..registry import register_model
+
+PAPER = "Wei et al., Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision Transformers, CVPR 2023"
+PHASES = ("predictor", "backbone")
+
+
+# ---------------------------------------------------------------------------------------- sparse kernels
+def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float,
+                     chunk: int = 4096) -> torch.Tensor:
+    """Softmax attention of each query over its own K keys only.
+
+    ``q: [B, H, M, d]``, ``k, v: [B, H, n, d]``, ``idx: [B, H, M, K]`` (key positions per query) ->
+    ``[B, H, M, d]``. Work and memory are ``M K d``, not ``M n d``. Rows are processed in chunks so that the
+    gathered keys and values stay cache-sized.
+    """
+    B, H, M, d = q.shape
+    n, K = k.shape[2], idx.shape[-1]
+    flat = (idx + (torch.arange(B * H, device=idx.device) * n).view(B, H, 1, 1)).reshape(B * H * M, K)
+    kf, vf, qf = k.reshape(B * H * n, d), v.reshape(B * H * n, d), q.reshape(B * H * M, 1, d)
+    out = []
+    for s in range(0, B * H * M, chunk):
+        ii = flat[s:s + chunk].reshape(-1)
+        ks = kf.index_select(0, ii).view(-1, K, d)
+        vs = vf.index_select(0, ii).view(-1, K, d)
+        p = (torch.bmm(qf[s:s + chunk], ks.transpose(1, 2)) * scale).softmax(-1)  # [c, 1, K]
+        out.append(torch.bmm(p, vs))
+    return torch.cat(out).view(B, H, M, d)
+
+
+def masked_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """The official execution: dense ``QK^T``, keys outside ``idx`` set to -inf, softmax, ``AV``."""
+    mask = torch.zeros(*idx.shape[:-1], k.shape[2], dtype=torch.bool, device=q.device).scatter_(-1, idx, True)
+    attn = (q @ k.transpose(-2, -1)) * scale
+    return torch.nan_to_num(attn.masked_fill(~mask, float("-inf")).softmax(-1)) @ v
+
+
+# ---------------------------------------------------------------------------------------- predictor
+class MaskPredictor(nn.Module):
+    """Low-rank connectivity predictor of one layer (official ``MaskPredictor``, same parameter names)."""
+
+    def __init__(self, *, dim: int, num_heads: int, num_tokens: int, reduce_n_factor: int = 6,
+                 reduce_c_factor: int = 2, share_inout_proj: bool = False, basis_threshold: float = 2e-2,
+                 coef_topk: int = 8):
+        super().__init__()
+        self.num_tokens, self.num_heads = num_tokens, num_heads
+        self.head_dim = dim // num_heads
+        self.reduced_c = self.head_dim // reduce_c_factor
+        self.reduced_n = int(num_tokens // reduce_n_factor)
+        self.scale = num_heads ** -0.5  # the code's scale (not head_dim ** -0.5)
+        self.basis_threshold, self.coef_topk = basis_threshold, coef_topk
+        self.proj_c_q = nn.Linear(self.head_dim, self.reduced_c)
+        self.proj_c_k = nn.Linear(self.head_dim, self.reduced_c)
+        self.proj_n = nn.Parameter(torch.zeros(num_tokens, self.reduced_n))
+        trunc_normal_(self.proj_n, std=0.02)
+        self.share_inout_proj = share_inout_proj
+        if not share_inout_proj:
+            self.proj_back_n = nn.Parameter(torch.zeros(num_tokens, self.reduced_n))
+            trunc_normal_(self.proj_back_n, std=0.02)
+
+    def _back(self) -> torch.Tensor:
+        return self.proj_n if self.share_inout_proj else self.proj_back_n
+
+    def coefficients(self, q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """``softmax(q' k'' * scale)`` for the non-class queries: ``[B, H, n-1, r]``."""
+        P = self.proj_n if keep is None else self.proj_n[keep].unsqueeze(1)  # [n, r] or [B, 1, n, r]
+        kP = k.transpose(-1, -2) @ P  # [B, H, d, r]: token reduction first (cheaper, same result)
+        k2 = self.proj_c_k.weight @ kP + self.proj_c_k.bias[:, None] * P.sum(-2, keepdim=True)  # [B, H, c, r]
+        A = self.proj_c_q.weight.t() @ k2  # [B, H, d, r]
+        bias = (self.proj_c_q.bias[:, None] * k2).sum(-2, keepdim=True)  # [B, H, 1, r]
+        return ((q[:, :, 1:] @ A + bias) * self.scale).softmax(-1)
+
+    def basis(self, keep: torch.Tensor | None, threshold: bool) -> torch.Tensor:
+        """``W_up`` restricted to the current tokens: ``[r, n]`` or ``[B, 1, r, n]``."""
+        W = self._back().t()
+        if threshold:
+            W = F.threshold(W.abs(), self.basis_threshold, 0.0)  # |W_up| kept, as the code
+        return W if keep is None else W[:, keep].permute(1, 0, 2).unsqueeze(1)
+
+    def approx_attn(self, q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor | None, recon: bool) -> torch.Tensor:
+        """``A_hat: [B, H, n-1, n]``: dense ``C @ W_up`` when fitting (recon), else top-k coefficients x
+        thresholded basis, executed by gathering the top-k basis rows."""
+        coef = self.coefficients(q, k, keep)
+        basis = self.basis(keep, threshold=not recon)
+        if recon:
+            return coef @ basis
+        t = min(self.coef_topk, coef.shape[-1])
+        vals, ids = coef.topk(t, dim=-1, sorted=False)  # [B, H, m, t]
+        B, H, m, _ = ids.shape
+        if basis.dim() == 2:
+            rows = basis[ids]  # [B, H, m, t, n]
+        else:  # per-sample basis after token pruning
+            r, n = basis.shape[-2:]
+            flat = ids + (torch.arange(B, device=ids.device) * r).view(B, 1, 1, 1)
+            rows = basis.reshape(B * r, n)[flat]
+        return (vals.unsqueeze(-2) @ rows).squeeze(-2)
+
+    def connectivity(self, approx: torch.Tensor, budget: int) -> torch.Tensor:
+        """Top-``budget`` key indices per query row: ``[B, H, n-1, budget]`` (detached, like the code's mask)."""
+        return approx.detach().topk(budget, dim=-1, sorted=False).indices
+
+
+# ---------------------------------------------------------------------------------------- attention / block
+@dataclass
+class _Ctx:
+    """What one forward pass threads through the blocks (no module state is mutated)."""
+
+    mode: str  # "dense" | "recon" | "sparse"
+    keep: torch.Tensor | None = None  # [B, n] original positions of the current tokens (after pruning)
+    pruned: bool = False
+    record_attn: bool = False  # keep dense attention probabilities (teacher targets)
+    record_idx: bool = False  # keep connectivity indices (attention maps)
+    need_cls_attn: bool = False
+    approx: list = field(default_factory=list)
+    attn: list = field(default_factory=list)
+    idx: list = field(default_factory=list)
+    keeps: list = field(default_factory=list)
+    cls_attn: torch.Tensor | None = None
+
+
+class SparsifinerAttention(Attention):
+    """timm ``Attention`` + a ``mask_predictor``; ``forward(x, ctx)`` runs dense, recon or sparse."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, *, num_tokens: int, attn_keep_rate: float = 0.25,
+                 execution: str = "gather", **predictor_kwargs: Any):
+        super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        if execution not in ("gather", "masked"):
+            raise ValueError(f"execution must be 'gather' or 'masked', got {execution!r}")
+        self.num_tokens, self.attn_keep_rate, self.execution = num_tokens, attn_keep_rate, execution
+        self.mask_predictor = MaskPredictor(dim=dim, num_heads=num_heads, num_tokens=num_tokens, **predictor_kwargs)
+
+    def budget(self, n: int, pruned: bool) -> int:
+        b = math.ceil(self.attn_keep_rate * self.num_tokens)
+        return min(b, n - 1) if pruned else min(b, n)
+
+    def forward(self, x: torch.Tensor, ctx: _Ctx | None = None, **_: Any) -> torch.Tensor:  # type: ignore[override]
+        ctx = ctx or _Ctx(mode="sparse")
+        B, n, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        dense = ctx.mode == "dense" or self.attn_keep_rate >= 1
+        if ctx.mode == "recon" and self.attn_keep_rate < 1:  # phase one: dense output, A_hat for the loss
+            ctx.approx.append(self.mask_predictor.approx_attn(q, k, ctx.keep, recon=True))
+        if dense or ctx.mode == "recon":
+            if ctx.record_attn or ctx.need_cls_attn:
+                a = ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1)
+                if ctx.record_attn:
+                    ctx.attn.append(a)
+                ctx.cls_attn = a[:, :, 0]
+                o = self.attn_drop(a) @ v
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+            if ctx.record_idx:
+                ctx.idx.append(None)
+                ctx.keeps.append(ctx.keep)
+        else:
+            approx = self.mask_predictor.approx_attn(q, k, ctx.keep, recon=False)
+            idx = self.mask_predictor.connectivity(approx, self.budget(n, ctx.pruned))
+            if ctx.record_idx:
+                ctx.idx.append(idx)
+                ctx.keeps.append(ctx.keep)
+            a0 = ((q[:, :, :1] @ k.transpose(-2, -1)) * self.scale).softmax(-1)  # class row: dense
+            ctx.cls_attn = a0[:, :, 0]
+            kernel = gather_attention if self.execution == "gather" else masked_dense_attention
+            o = torch.cat([a0 @ v, kernel(q[:, :, 1:], k, v, idx, self.scale)], dim=2)
+        x = o.transpose(1, 2).reshape(B, n, C)
+        return self.proj_drop(self.proj(x))
+
+
+class SparsifinerBlock(Block):
+    """timm ``Block`` whose attention is :class:`SparsifinerAttention`; ``forward(x, ctx)``."""
+
+    def __init__(self, dim: int, num_heads: int, *, num_tokens: int, attn_keep_rate: float,
+                 execution: str, predictor_kwargs: dict, **kwargs: Any):
+        super().__init__(dim, num_heads, **kwargs)
+        self.attn = SparsifinerAttention(
+            dim, num_heads=num_heads, qkv_bias=kwargs.get("qkv_bias", False), attn_drop=kwargs.get("attn_drop", 0.0),
+            proj_drop=kwargs.get("proj_drop", 0.0), num_tokens=num_tokens, attn_keep_rate=attn_keep_rate,
+            execution=execution, **predictor_kwargs)
+
+    def forward(self, x: torch.Tensor, ctx: _Ctx | None = None, **_: Any) -> torch.Tensor:  # type: ignore[override]
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), ctx)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+# ---------------------------------------------------------------------------------------- model
+class Sparsifiner(VisionTransformer):
+    """DeiT / ViT with a connectivity predictor per layer and sparse attention (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        attn_keep_rate: float | Sequence[float] = 0.25,
+        reduce_n_factor: int = 6,
+        reduce_c_factor: int = 2,
+        share_inout_proj: bool = False,
+        basis_threshold: float = 2e-2,
+        coef_topk: int = 8,
+        token_keep_rate: float = 1.0,
+        token_pruning_loc: Sequence[int] = (),
+        execution: str = "gather",
+        phase: str = "backbone",
+        freeze_pos_embed: bool = False,
+        teacher_ckpt: str | None = None,
+        cls_weight: float = 1.0,
+        cls_distill_weight: float = 0.5,
+        token_distill_weight: float = 0.5,
+        attn_recon_weight: float = 0.01,
+        label_smoothing: float = 0.1,
+        map_queries: Sequence[int] | None = None,
+    ):
+        num_tokens = (img_size // patch_size) ** 2 + 1
+        predictor_kwargs = dict(reduce_n_factor=reduce_n_factor, reduce_c_factor=reduce_c_factor,
+                                share_inout_proj=share_inout_proj, basis_threshold=basis_threshold, coef_topk=coef_topk)
+        rates = list(attn_keep_rate) if isinstance(attn_keep_rate, (list, tuple)) else [float(attn_keep_rate)] * depth
+        if len(rates) != depth:
+            raise ValueError(f"attn_keep_rate has {len(rates)} entries for {depth} layers")
+        super().__init__(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes, embed_dim=embed_dim,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate,
+            block_fn=partial(SparsifinerBlock, num_tokens=num_tokens, attn_keep_rate=rates[0], execution=execution,
+                             predictor_kwargs=predictor_kwargs),
+        )
+        for blk, r in zip(self.blocks, rates):
+            blk.attn.attn_keep_rate = r
+        self.num_tokens = num_tokens
+        # token sparsity: rho, rho^2, rho^3 ... after the listed layers (DynamicViT schedule, as the code)
+        self.token_pruning_loc = tuple(int(i) for i in token_pruning_loc)
+        self.token_budgets = {loc: math.ceil(token_keep_rate ** (j + 1) * (num_tokens - 1))
+                              for j, loc in enumerate(self.token_pruning_loc)}
+        self.loss_weights = dict(cls=cls_weight, cls_distill=cls_distill_weight, token_distill=token_distill_weight,
+                                 attn_recon=attn_recon_weight)
+        self.label_smoothing = label_smoothing
+        self.teacher_ckpt = teacher_ckpt
+        self.map_queries = list(map_queries) if map_queries is not None else None
+        self._arch = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                          **predictor_kwargs)
+        self.__dict__["_teacher"] = None  # unregistered: not in state_dict, not a parameter of the student
+        self.freeze_pos_embed = freeze_pos_embed
+        self.set_phase(phase)
+
+    # ------------------------------------------------------------------ phases
+    def set_phase(self, phase: str) -> None:
+        """"predictor": only ``mask_predictor`` parameters train; "backbone": all others (predictor frozen)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        self.phase = phase
+        for name, p in self.named_parameters():
+            is_pred = ".mask_predictor." in name
+            p.requires_grad_(is_pred if phase == "predictor" else not is_pred)
+        if phase == "backbone" and self.freeze_pos_embed:  # the code keeps these out of its optimiser
+            self.pos_embed.requires_grad_(False)
+            self.cls_token.requires_grad_(False)
+
+    def _mode(self) -> str:
+        return "recon" if (self.training and self.phase == "predictor") else "sparse"
+
+    # ------------------------------------------------------------------ forward
+    def forward_features(self, x: torch.Tensor, ctx: _Ctx | None = None, **_: Any) -> torch.Tensor:  # type: ignore[override]
+        ctx = ctx or _Ctx(mode=self._mode())
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        for i, blk in enumerate(self.blocks):
+            ctx.need_cls_attn = i in self.token_budgets and ctx.mode != "recon"
+            x = blk(x, ctx)
+            if ctx.need_cls_attn:
+                x = self._prune(x, ctx, self.token_budgets[i])
+        return self.norm(x)
+
+    def _prune(self, x: torch.Tensor, ctx: _Ctx, budget: int) -> torch.Tensor:
+        """Keep the ``budget`` patch tokens the class token attends to most (mean over heads); remove the rest."""
+        B, n, C = x.shape
+        if ctx.keep is None:
+            ctx.keep = torch.arange(n, device=x.device).expand(B, n)
+        budget = min(budget, n - 1)
+        sel = ctx.cls_attn[:, :, 1:].mean(1).topk(budget, dim=-1).indices.sort(-1).values  # [B, budget]
+        ctx.keep = torch.cat([ctx.keep[:, :1], ctx.keep[:, 1:].gather(1, sel)], dim=1)
+        ctx.pruned = True
+        return torch.cat([x[:, :1], x[:, 1:].gather(1, sel[..., None].expand(-1, -1, C))], dim=1)
+
+    def forward(self, x: torch.Tensor, ctx: _Ctx | None = None) -> torch.Tensor:  # type: ignore[override]
+        return self.forward_head(self.forward_features(x, ctx))
+
+    # ------------------------------------------------------------------ teacher + training objective
+    def teacher(self, device: torch.device | None = None) -> nn.Module | None:
+        """The frozen dense teacher, built from ``teacher_ckpt`` on first use (None without one)."""
+        t = self.__dict__["_teacher"]
+        if t is None and self.teacher_ckpt:
+            t = build_teacher(self.teacher_ckpt, **self._arch)
+            self.__dict__["_teacher"] = t
+        if t is not None and device is not None and next(t.parameters()).device != device:
+            t.to(device)
+        return t
+
+    @torch.no_grad()
+    def _teacher_out(self, x: torch.Tensor, attn: bool) -> tuple[torch.Tensor, torch.Tensor, list]:
+        t = self.teacher(x.device)
+        ctx = _Ctx(mode="dense", record_attn=attn)
+        feats = t.forward_features(x, ctx)
+        return t.forward_head(feats), feats, ctx.attn
+
+    def forward_train(self, x: torch.Tensor, y: torch.Tensor, **_: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        w = self.loss_weights
+        has_teacher = self.teacher_ckpt is not None
+        if self.phase == "predictor":
+            ctx = _Ctx(mode="recon", record_attn=not has_teacher)
+            logits = self.forward_head(self.forward_features(x, ctx))
+            targets = self._teacher_out(x, attn=True)[2] if has_teacher else [a.detach() for a in ctx.attn]
+            sparse_layers = [i for i, b in enumerate(self.blocks) if b.attn.attn_keep_rate < 1]
+            pairs = list(zip(ctx.approx, [targets[i] for i in sparse_layers]))
+            if not pairs:
+                raise ValueError("phase 'predictor' needs attn_keep_rate < 1 in at least one layer")
+            recon = sum(F.mse_loss(a, t[:, :, 1:, :], reduction="sum") for a, t in pairs) / len(pairs)
+            return logits, {"attn_recon": w["attn_recon"] * recon}
+        ctx = _Ctx(mode="sparse")
+        feats = self.forward_features(x, ctx)
+        logits = self.forward_head(feats)
+        losses = {"ce": w["cls"] * F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)}
+        if has_teacher:
+            t_logits, t_feats, _ = self._teacher_out(x, attn=False)
+            losses["cls_distill"] = w["cls_distill"] * F.kl_div(
+                F.log_softmax(logits, -1), F.log_softmax(t_logits, -1), reduction="batchmean", log_target=True)
+            t_tok = t_feats[:, 1:]
+            if ctx.keep is not None:  # kept tokens only, as the code's masked MSE
+                t_tok = t_tok.gather(1, (ctx.keep[:, 1:] - 1)[..., None].expand(-1, -1, t_tok.shape[-1]))
+            losses["token_distill"] = w["token_distill"] * F.mse_loss(feats[:, 1:], t_tok)
+        return logits, losses
+
+    # ------------------------------------------------------------------ inspection
+    @torch.no_grad()
+    def connectivity(self, x: torch.Tensor) -> list[torch.Tensor | None]:
+        """Binary connectivity mask of every layer, ``[B, H, N, N]`` over the original token positions
+        (class row dense; rows / columns of pruned tokens zero); None for dense layers."""
+        ctx = _Ctx(mode="sparse", record_idx=True)
+        self.forward_features(x, ctx)
+        out = []
+        for idx, keep in zip(ctx.idx, ctx.keeps):
+            if idx is None:
+                out.append(None)
+                continue
+            B, H, m, _ = idx.shape
+            small = torch.zeros(B, H, m, m + 1, device=x.device).scatter_(-1, idx, 1.0)
+            small = torch.cat([torch.ones(B, H, 1, m + 1, device=x.device), small], dim=2)
+            if keep is None:
+                out.append(small)
+                continue
+            full = torch.zeros(B, H, self.num_tokens, self.num_tokens, device=x.device)
+            kr = keep[:, None, :, None].expand(B, H, m + 1, m + 1)
+            kc = keep[:, None, None, :].expand(B, H, m + 1, m + 1)
+            rows = torch.zeros(B, H, m + 1, self.num_tokens, device=x.device).scatter_(-1, kc, small)
+            full.scatter_(2, kr[..., :1].expand(B, H, m + 1, self.num_tokens), rows)
+            out.append(full)
+        return out
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Learned connectivity of chosen query patches (``map_queries``, default four quadrant centres) in
+        the last sparse layer: ``{"connectivity_lL": [B, Q, h, w]}``, the fraction of heads that connect
+        each query to each key patch."""
+        gh, gw = self.patch_embed.grid_size
+        queries = self.map_queries or [(gh // 4) * gw + gw // 4, (gh // 4) * gw + 3 * gw // 4,
+                                       (3 * gh // 4) * gw + gw // 4, (3 * gh // 4) * gw + 3 * gw // 4]
+        masks = self.connectivity(x)
+        layer = max((i for i, m in enumerate(masks) if m is not None), default=None)
+        if layer is None:
+            return {}
+        m = masks[layer].mean(1)  # [B, N, N]
+        rows = m[:, [1 + qi for qi in queries], 1:]  # [B, Q, N-1]
+        return {f"connectivity_l{layer}": rows.reshape(x.shape[0], len(queries), gh, gw)}
+
+    def bench_extras(self, img_size: int | None = None) -> dict[str, Any]:
+        """Analytic MHSA multiply-adds (QK^T + AV) per image: dense vs kept entries + predictor cost."""
+        dense, sparse, pred = mhsa_macs(self)
+        return {"attn_keep_rate": self.blocks[0].attn.attn_keep_rate, "mhsa_gmacs_dense": round(dense / 1e9, 4),
+                "mhsa_gmacs_sparse": round(sparse / 1e9, 4), "predictor_gmacs": round(pred / 1e9, 4),
+                "mhsa_flops_reduction": round(1 - sparse / dense, 4)}
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+
+def mhsa_macs(model: Sparsifiner) -> tuple[float, float, float]:
+    """(dense MHSA MACs, sparse MHSA MACs incl. predictor, predictor MACs) per image, with the predictor's
+    executed products (reassociated low-rank, top-k coefficients x gathered basis rows). Token pruning
+    shrinks n after the pruning layers."""
+    N, D = model.num_tokens, model.embed_dim
+    dense = sparse = pred = 0.0
+    n = N
+    for i, blk in enumerate(model.blocks):
+        a, mp = blk.attn, blk.attn.mask_predictor
+        H, d, c, r = a.num_heads, a.head_dim, mp.reduced_c, mp.reduced_n
+        dense += 2 * N * N * D
+        if a.attn_keep_rate >= 1:
+            sparse += 2 * n * n * D
+        else:
+            K = a.budget(n, pruned=n < N)
+            p = H * (d * n * r + c * d * r + d * c * r + (n - 1) * d * r + (n - 1) * min(mp.coef_topk, r) * n)
+            pred += p
+            sparse += p + 2 * n * D + 2 * (n - 1) * K * D  # class row dense + K keys per other row
+        if i in model.token_budgets:
+            n = 1 + min(model.token_budgets[i], n - 1)
+    return dense, sparse, pred
+
+
+# ---------------------------------------------------------------------------------------- weights
+def checkpoint_filter_fn(state_dict: dict, model: Sparsifiner) -> dict:
+    """timm / official DeiT or Sparsifiner weights -> this model: unwrap ``model``, resample ``pos_embed``,
+    drop DeiT's distillation token / head, and keep the model's own (fresh) predictor where the file has none."""
+    sd = state_dict.get("model", state_dict)
+    own = model.state_dict()
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(("dist_token", "head_dist")):
+            continue
+        if k == "pos_embed" and v.shape != own["pos_embed"].shape:
+            gs = model.patch_embed.grid_size
+            v = resample_abs_pos_embed(v, new_size=gs, num_prefix_tokens=1)
+        if k.endswith(("proj_n", "proj_back_n")) and k in own and v.shape != own[k].shape:
+            continue  # predictor sized for another token count: re-initialised
+        out[k] = v
+    for k, v in own.items():
+        if ".mask_predictor." in k and k not in out:
+            out[k] = v
+    return out
+
+
+def build_teacher(path: str, **arch: Any) -> Sparsifiner:
+    """A frozen dense model (attention keep rate 1) with the weights of ``path`` (zoo checkpoint, timm or
+    official file); every backbone key must be present."""
+    from ..weights import extract_state_dict, load_into, safe_load
+
+    t = Sparsifiner(**arch, attn_keep_rate=1.0, phase="backbone")
+    load_into(t, checkpoint_filter_fn(extract_state_dict(safe_load(path)), t), source=path)
+    return t.eval().requires_grad_(False)
+
+
+def _create(pretrained: bool, timm_name: str | None, **kwargs: Any) -> Sparsifiner:
+    model = Sparsifiner(**kwargs)
+    if pretrained:
+        if timm_name is None:
+            raise ValueError("this variant has no published weights; train it or use pretrained_file=")
+        import timm
+
+        src = timm.create_model(timm_name, pretrained=True)  # DeiT backbone; predictor starts fresh
+        from ..weights import load_into
+
+        load_into(model, checkpoint_filter_fn(src.state_dict(), model), source=f"timm:{timm_name}")
+        model.set_phase(model.phase)
+    return model
+
+
+_SPEC = dict(task="classification", paper=PAPER, fixed_input_size=True, checkpoint_filter=checkpoint_filter_fn)
+_NOTE = "paper abstract: MHSA FLOPs -48..-69%, top-1 drop <= 0.4 (ImageNet-1k); per-model table values unverified"
+
+
+@register_model(input_size=(3, 224, 224), source="zoo (timm ViT) + lim142857/Sparsifiner; backbone timm:deit_tiny_patch16_224",
+                meta=dict(params_m=5.80, gflops=1.26, backbone_top1=72.2, note=_NOTE), **_SPEC)
+def sparsifiner_deit_tiny(pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
+    return _create(pretrained, "deit_tiny_patch16_224", **{**dict(embed_dim=192, depth=12, num_heads=3), **kwargs})
+
+
+@register_model(input_size=(3, 224, 224), source="zoo (timm ViT) + lim142857/Sparsifiner; backbone timm:deit_small_patch16_224",
+                meta=dict(params_m=22.25, gflops=4.6, backbone_top1=79.9, note=_NOTE), **_SPEC)
+def sparsifiner_deit_small(pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
+    return _create(pretrained, "deit_small_patch16_224", **{**dict(embed_dim=384, depth=12, num_heads=6), **kwargs})
+
+
+@register_model(input_size=(3, 224, 224), source="zoo (timm ViT) + lim142857/Sparsifiner; backbone timm:deit_base_patch16_224",
+                meta=dict(params_m=86.97, gflops=17.6, backbone_top1=81.8, note=_NOTE), **_SPEC)
+def sparsifiner_deit_base(pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
+    return _create(pretrained, "deit_base_patch16_224", **{**dict(embed_dim=768, depth=12, num_heads=12), **kwargs})
+
+
+@register_model(input_size=(3, 32, 32), source="zoo (timm ViT, 32 px, patch 4, 6 x 96-d, 3 heads)", **_SPEC)
+def sparsifiner_deit_nano(pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
+    """CPU variant for the embedded digits: 65 tokens, keep rate 0.25 -> 17 keys per query.
+    ``attn_keep_rate=1.0`` is its dense DeiT baseline (the teacher of the digits experiment)."""
+    return _create(pretrained, None, **{**dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3,
+                                               mlp_ratio=4.0), **kwargs})
