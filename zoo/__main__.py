@@ -262,7 +262,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description="Attention Zoo: list, inspect, benchmark and explain models.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{list,info,bench,explain}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{list,info,bench,explain,extract-features}")
 
     s = sub.add_parser("list", help="registered models, with task, parameters and input size")
     s.add_argument("pattern", nargs="?", default="*", help="wildcard over names, e.g. 'halonet*'")
@@ -316,12 +316,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--alpha", type=float, default=0.5)
     s.add_argument("--cmap", default="jet")
     s.set_defaults(func=cmd_explain)
+
+    s = sub.add_parser("extract-features", help="tile folders -> per-bag features (pt_files/, h5_files/) for MIL")
+    s.add_argument("tiles_root", metavar="TILES_ROOT", help="one folder of tile images per bag (split folders above allowed)")
+    s.add_argument("--out", required=True, help="output folder: writes pt_files/<bag>.pt and h5_files/<bag>.h5")
+    s.add_argument("--model", default="timm:resnet18", help="a zoo classification model or timm:NAME")
+    s.add_argument("--pretrained", action="store_true", help="download the backbone's published weights")
+    s.add_argument("--pretrained-file", default=None, help="local timm / zoo weights file for the backbone")
+    s.add_argument("--img-size", type=int, default=None, help="tile resize (default: the backbone's input size)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_extract_features)
     return p
+
+
+def cmd_extract_features(args: argparse.Namespace) -> int:
+    from .features import extract_features
+
+    counts = extract_features(args.tiles_root, args.out, args.model, pretrained=args.pretrained,
+                              pretrained_file=args.pretrained_file, img_size=args.img_size,
+                              batch_size=args.batch_size, device=args.device)
+    _console().print(f"{counts['written']} bags written, {counts['skipped']} already there "
+                     f"({counts['bags']} in all) -> {args.out}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "pretrained_file", None) and getattr(args, "ckpt", None):
+    if args.command == "explain" and args.pretrained_file and args.ckpt:
         build_parser().error("--pretrained-file goes with --model, not --ckpt")
     try:
         return args.func(args)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zoo.errors import DatasetNotFoundError
+from zoo.errors import DatasetNotFoundError, DataFormatError
 
 from .bags import FEATUREBAGS_LAYOUT, FeatureBagDataset, collate_bags, encode_labels, read_bag_table
 from .common import DIGITS_MEAN, DIGITS_STD, ZooDataModule, require_dir, split_indices
@@ -45,6 +45,8 @@ class MILDataModule(ZooDataModule):
         download: bool = False,
         augment: bool = True,
         labels: str | None = None,
+        label_map: dict | None = None,
+        class_names: list | None = None,
         target_digit: int = 9,
         mean_bag_length: float = 10,
         std_bag_length: float = 2,
@@ -84,7 +86,18 @@ class MILDataModule(ZooDataModule):
                     f"featurebags: labels CSV not found: {self.labels_csv}\nExpected layout:\n{FEATUREBAGS_LAYOUT}"
                 )
             ids, raw, splits = read_bag_table(self.labels_csv)
+            if self.hparams.label_map:  # e.g. BRACS' 7 subtypes -> 3 classes
+                lm = {str(k): str(v) for k, v in self.hparams.label_map.items()}
+                unknown = sorted(set(raw) - set(lm))
+                if unknown:
+                    raise DataFormatError(f"{self.labels_csv}: labels {unknown[:5]} are not in data.label_map")
+                raw = [lm[v] for v in raw]
             y, names = encode_labels(raw)
+            if self.hparams.class_names:
+                if len(self.hparams.class_names) != len(names):
+                    raise DataFormatError(f"data.class_names has {len(self.hparams.class_names)} names "
+                                          f"but the labels give {len(names)} classes")
+                names = list(self.hparams.class_names)
             self._table = (ids, y, splits, names)
         return self._table
 
