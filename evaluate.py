@@ -29,11 +29,31 @@ def explain(task, dm, out_dir: str, max_images: int) -> list[Path]:
     net = task.net.eval()
     if not hasattr(net, "attention_maps"):
         raise ZooError(f"{task.hparams.model['name']} defines no attention_maps(x); explain=true needs one")
-    x = next(iter(dm.test_dataloader()))[0][:max_images]
+    batch = next(iter(dm.test_dataloader()))
     with torch.no_grad():
-        maps = net.attention_maps(x)
-    images = denormalize(x, dm.mean, dm.std) if x.ndim == 4 else x
+        if task.task == "mil":
+            images, maps = _explain_bags(net, dm, *batch[:2], max_images)
+        else:
+            x = batch[0][:max_images]
+            images, maps = denormalize(x, dm.mean, dm.std), net.attention_maps(x)
     return save_attention_maps(images, maps, out_dir, prefix=task.hparams.model["name"], max_images=max_images)
+
+
+def _explain_bags(net, dm, bags, mask, max_images):
+    """MIL: instances re-ordered by slide attention, drawn as a mosaic under their attention grid."""
+    from zoo.explain import bag_mosaic, denormalize
+
+    bags, mask = bags[:max_images], mask[:max_images]
+    order = net.attention_weights(bags, mask).mean(1).argsort(-1, descending=True)  # most attended first
+    bags = bags.gather(1, order.view(*order.shape, *[1] * (bags.ndim - 2)).expand_as(bags))
+    mask = mask.gather(1, order)
+    maps = net.attention_maps(bags, mask)
+    if bags.ndim == 5:  # image bags: the tiles themselves
+        images = bag_mosaic(denormalize(bags.flatten(0, 1), dm.mean, dm.std).unflatten(0, bags.shape[:2]), mask)
+    else:  # feature bags: the attention grid alone, on grey
+        side = next(iter(maps.values())).shape[-1]
+        images = torch.full((len(bags), 3, side * 16, side * 16), 0.5)
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images, maps
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

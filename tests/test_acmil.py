@@ -166,3 +166,20 @@ def test_extracted_features_train_through_featurebags(tmp_path, compose_cfg):
                                 "data.labels=labels.csv", "data.num_workers=0", "trainer=debug"])
     metrics = train(cfg)
     assert "test/auroc" in metrics
+
+
+def test_explain_writes_bag_mosaics(compose_cfg, tmp_path):
+    from evaluate import evaluate
+    from train import train
+
+    run = tmp_path / "run"
+    short = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+             "+trainer.limit_test_batches=1", "test=false"]
+    train(compose_cfg("train", ["experiment=acmil_digit_bags", *short], out_dir=run))
+    out = tmp_path / "maps"
+    evaluate(compose_cfg("evaluate", ["experiment=acmil_digit_bags", f"ckpt_path={run}/checkpoints/last.ckpt",
+                                      "explain=true", f"explain_dir={out}", "explain_images=2",
+                                      "+trainer.limit_test_batches=1"], out_dir=tmp_path / "eval"))
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 4  # 2 bags x (branch_attention, slide_attention)
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)

@@ -12,6 +12,8 @@ Headless (matplotlib's Agg canvas, no pyplot state); matplotlib is imported only
 """
 from __future__ import annotations
 
+import math
+
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -102,6 +104,17 @@ def overlay(image: Any, amap: Any, alpha: float = 0.5, cmap: str = "jet") -> np.
     heat = matplotlib.colormaps[cmap](m.numpy())[..., :3]
     out = (1.0 - alpha) * img + alpha * heat
     return (out.clip(0, 1) * 255.0 + 0.5).astype(np.uint8)
+
+
+def bag_mosaic(bags: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Image bags ``[B, N, C, h, w]`` -> one picture per bag ``[B, C, s*h, s*w]``: instances in a square
+    grid in bag order (``s = ceil(sqrt(N))``), padded slots black; matches ACMIL's ``square_grid`` layout."""
+    B, N, C, h, w = bags.shape
+    side = math.ceil(math.sqrt(N))
+    tiles = bags if mask is None else bags * mask[..., None, None, None]
+    canvas = tiles.new_zeros(B, side * side, C, h, w)
+    canvas[:, :N] = tiles
+    return canvas.view(B, side, side, C, h, w).permute(0, 3, 1, 4, 2, 5).reshape(B, C, side * h, side * w)
 
 
 def _safe(name: str) -> str:
