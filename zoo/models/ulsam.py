@@ -257,16 +257,14 @@ def _mv1(width: float) -> Callable[..., EfficientNet]:
 
 
 def _mv2_tiny(pretrained: bool = False, **kw) -> EfficientNet:
-    """MobileNet-V2 x0.5 for 32 px: stem and the 24-ch stage at stride 1 (total stride 8, CIFAR-style), so the
-    96-ch stage sits at 8x8 and the 160-ch stage at 4x4 on 32 px digits."""
+    """A shallow MobileNet-V2 x0.35 for 32 px: stem and the 24-ch stage at stride 2, then stride 1 up to the
+    96-ch stage (8x8 on 32 px) and stride 2 into the 160-ch stage (4x4); one block in the 24/32/64 stages."""
     if pretrained:
         raise ValueError("ulsam_mobilenetv2_tiny has no published weights; train it (python train.py)")
-    arch_def = [["ds_r1_k3_s1_c16"], ["ir_r2_k3_s1_e6_c24"], ["ir_r3_k3_s2_e6_c32"], ["ir_r4_k3_s2_e6_c64"],
+    arch_def = [["ds_r1_k3_s1_c16"], ["ir_r1_k3_s2_e6_c24"], ["ir_r1_k3_s1_e6_c32"], ["ir_r1_k3_s1_e6_c64"],
                 ["ir_r3_k3_s1_e6_c96"], ["ir_r3_k3_s2_e6_c160"], ["ir_r1_k3_s1_e6_c320"]]
-    model = EfficientNet(block_args=decode_arch_def(arch_def), num_features=640, stem_size=32,
-                         round_chs_fn=lambda c: round_channels(c, multiplier=0.5), act_layer=nn.ReLU6, **kw)
-    model.conv_stem.stride = (1, 1)  # timm's stem is always stride 2; 32 px images need the resolution
-    return model
+    return EfficientNet(block_args=decode_arch_def(arch_def), num_features=448, stem_size=32,
+                        round_chs_fn=lambda c: round_channels(c, multiplier=0.35), act_layer=nn.ReLU6, **kw)
 
 
 MV1_REPLACE = ("blocks.3.5",)  # the last of the five repeated 14x14x512 layers
@@ -351,7 +349,7 @@ def ulsam_mobilenetv2_100_add(pretrained: bool = False, *, num_splits: int = 4, 
                       bn_momentum=bn_momentum, pretrained=pretrained, **kwargs)
 
 
-@register_model(input_size=(3, 32, 32), source="zoo (MobileNet-V2 x0.5 at stride 8 for 32 px, ULSAM replaces blocks.4.2, 5.2)",
+@register_model(input_size=(3, 32, 32), source="zoo (shallow MobileNet-V2 x0.35 for 32 px, ULSAM replaces blocks.4.2, 5.2)",
                 **_SPEC)
 def ulsam_mobilenetv2_tiny(pretrained: bool = False, *, num_splits: int = 4, positions: Sequence[str] = MV2["r96_160"],
                            bn_momentum: float = 0.1, **kwargs) -> ULSAMMobileNet:
