@@ -284,10 +284,25 @@ def _sig(x: float | None, digits: int = 4) -> float | None:
     return float(f"{x:.{digits}g}")
 
 
+def _cpu_sdpa_flops() -> dict:
+    """torch's counter knows the CUDA attention kernels only; count CPU ``scaled_dot_product_attention``
+    (``aten._scaled_dot_product_flash_attention_for_cpu``) the same way (its two matmuls)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return {}
+
+    def flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return {op: flops}
+
+
 def _count_gmacs(model: nn.Module, x1: torch.Tensor) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_flops())
     with torch.no_grad(), counter:
         model(x1)
     return counter.get_total_flops() / 2 / 1e9

@@ -341,6 +341,7 @@ class BiFormerFPN(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.encoder = BiFormer(in_chans=in_chans, num_classes=0, **(encoder or {}))
+        self.encoder.norm = nn.Identity()  # the classifier's final BN is unused by dense heads
         dims = self.encoder.embed_dims
         self.out_norms = nn.ModuleList(LayerNorm2d(c) for c in dims)
         self.decoder = FPNDecoder(dims, decoder_channels)
@@ -381,7 +382,9 @@ def checkpoint_filter(state_dict: dict, model: nn.Module) -> dict:
         state_dict = state_dict["model"]
     out = {_official_key(k): v for k, v in state_dict.items()}
     if isinstance(model, BiFormerFPN) and not any(k.startswith("encoder.") for k in out):
-        out = {f"encoder.{k}": v for k, v in out.items() if not k.startswith(("head.", "norm."))}
+        # a classification checkpoint initialises the encoder; decoder and head keep their fresh init
+        enc = {f"encoder.{k}": v for k, v in out.items() if not k.startswith(("head.", "norm."))}
+        out = {**{k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}, **enc}
     return out
 
 

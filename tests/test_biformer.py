@@ -1,0 +1,177 @@
+"""BiFormer: optimised bi-level routing attention vs a plain reference, variants, official checkpoint keys."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zoo
+from zoo.models.biformer import BiLevelRoutingAttention, checkpoint_filter
+
+
+# ---------------------------------------------------------------------------------------- reference
+def reference_bra(attn: BiLevelRoutingAttention, x: torch.Tensor) -> torch.Tensor:
+    """Bi-level routing written plainly: loops over images, regions, tokens and heads, dense masks.
+
+    Semantics: the map is split into n_win x n_win regions after zero-padding to a multiple of n_win;
+    region descriptors are the means of q and k over the region's real (unpadded) tokens; a region with no
+    real token cannot be routed to; each query region attends to the real tokens of its top-k regions
+    with scale dim ** -0.5; LCE is a depthwise conv of v on the unpadded map; then the output linear.
+    """
+    n, h, w, c = x.shape
+    s, topk, heads = attn.n_win, attn.topk, attn.num_heads
+    hd = c // heads
+    hp, wp = math.ceil(h / s) * s, math.ceil(w / s) * s
+    rh, rw = hp // s, wp // s
+    qkv = x @ attn.qkv.weight.T + attn.qkv.bias
+    q, k, v = qkv[..., :c], qkv[..., c:2 * c], qkv[..., 2 * c:]
+    lepe = F.conv2d(v.permute(0, 3, 1, 2), attn.lepe.weight, attn.lepe.bias,
+                    padding=attn.lepe.padding, groups=c).permute(0, 2, 3, 1)
+    region = [[(i // rh) * s + j // rw for j in range(w)] for i in range(h)]  # region of each real token
+    out = torch.zeros_like(v)
+    for b in range(n):
+        q_r = torch.zeros(s * s, c, dtype=x.dtype)
+        k_r = torch.zeros(s * s, c, dtype=x.dtype)
+        count = [0] * (s * s)
+        for i in range(h):
+            for j in range(w):
+                r = region[i][j]
+                q_r[r] += q[b, i, j]
+                k_r[r] += k[b, i, j]
+                count[r] += 1
+        affinity = torch.full((s * s, s * s), float("-inf"), dtype=x.dtype)
+        for r in range(s * s):
+            for r2 in range(s * s):
+                if count[r2] > 0:
+                    qm = q_r[r] / max(count[r], 1)
+                    affinity[r, r2] = (qm * attn.scale) @ (k_r[r2] / count[r2])
+        routed = [set(torch.topk(affinity[r], topk).indices.tolist()) for r in range(s * s)]
+        keys = k[b].reshape(h * w, c)
+        vals = v[b].reshape(h * w, c)
+        for i in range(h):
+            for j in range(w):
+                allowed = torch.tensor([region[a][bb] in routed[region[i][j]] for a in range(h) for bb in range(w)])
+                for m in range(heads):
+                    sl = slice(m * hd, (m + 1) * hd)
+                    logits = (q[b, i, j, sl] * attn.scale) @ keys[:, sl].T
+                    logits = logits.masked_fill(~allowed, float("-inf"))
+                    out[b, i, j, sl] = logits.softmax(-1) @ vals[:, sl]
+    return (out + lepe) @ attn.proj.weight.T + attn.proj.bias
+
+
+@pytest.mark.parametrize("size", [(9, 9), (8, 7), (5, 10), (4, 4)])
+def test_bra_matches_plain_reference(size):
+    torch.manual_seed(0)
+    attn = BiLevelRoutingAttention(dim=16, num_heads=2, n_win=3, topk=2).double()
+    with torch.no_grad():
+        attn.qkv.bias.normal_(0, 0.5)
+        attn.qkv.weight.mul_(5)
+    x = torch.randn(2, *size, 16, dtype=torch.float64)
+    got = attn(x)
+    want = reference_bra(attn, x)
+    assert got.shape == (2, *size, 16)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_is_masked_out_of_routing():
+    """Regions made only of padding are never routed to; padded keys get no attention (finite outputs)."""
+    torch.manual_seed(0)
+    attn = BiLevelRoutingAttention(dim=16, num_heads=2, n_win=4, topk=3)
+    x = torch.randn(2, 3, 5, 16)  # padded to 4x8 (1x2 regions): row 3 and columns 6-7 hold only padding
+    assert torch.isfinite(attn(x)).all()
+    _, _, idx, valid, _ = attn._project(x)
+    assert (~valid.any(1)).sum() == 7 and valid[idx].any(-1).all()
+
+
+def test_routing_has_no_gradient_path():
+    torch.manual_seed(0)
+    attn = BiLevelRoutingAttention(dim=16, num_heads=2, n_win=2, topk=1)
+    x = torch.randn(1, 4, 4, 16, requires_grad=True)
+    attn(x).sum().backward()
+    assert all(p.grad is not None for p in attn.parameters())
+
+
+# ---------------------------------------------------------------------------------------- variants
+@pytest.mark.parametrize("name,params_m", [("biformer_tiny", 13.14), ("biformer_small", 25.54), ("biformer_base", 56.80)])
+def test_paper_param_counts(name, params_m):
+    got = zoo.model_info(name)["params_m"]
+    assert abs(got - params_m) / params_m < 1e-3, (name, got, params_m)
+
+
+def test_nano_any_size_and_intermediates():
+    torch.manual_seed(0)
+    net = zoo.create_model("biformer_nano", num_classes=10).eval()
+    for hw in [(64, 64), (50, 37), (32, 32)]:
+        assert net(torch.randn(1, 3, *hw)).shape == (1, 10)
+    feats = net.forward_intermediates(torch.randn(2, 3, 64, 64))
+    assert [tuple(f.shape[1:]) for f in feats] == [(32, 16, 16), (64, 8, 8), (128, 4, 4), (256, 2, 2)]
+    seg = zoo.create_model("biformer_fpn_nano", num_classes=4).eval()
+    assert seg(torch.randn(1, 3, 48, 40)).shape == (1, 4, 48, 40)
+
+
+def test_attention_maps():
+    torch.manual_seed(0)
+    net = zoo.create_model("biformer_nano", num_classes=10).eval()
+    maps = net.attention_maps(torch.randn(2, 3, 64, 64))
+    routed, tok = maps["s2_routed_regions"], maps["s2_token_attention"]
+    assert routed.shape == (2, 3, 4, 4) and tok.shape == (2, 3, 8, 8)
+    assert ((routed == 1).flatten(2).sum(-1) == 4).all()  # stage 2 of nano: top-4 routing
+    torch.testing.assert_close(tok.flatten(2).sum(-1), torch.ones(2, 3))  # a distribution over routed tokens
+    assert (tok.flatten(2)[(routed != 1).repeat_interleave(2, -1).repeat_interleave(2, -2).flatten(2)] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------- official keys
+def to_official(key: str) -> str:
+    """Zoo key -> official rayleizhu/BiFormer key (the inverse of checkpoint_filter, written independently)."""
+    p = key.split(".")
+    if p[0] == "stem":
+        p = ["downsample_layers", "0", *p[1:]]
+    elif p[0] == "stages" and p[2] == "downsample":
+        p = ["downsample_layers", p[1], *p[3:]]
+    elif p[0] == "stages" and p[2] == "blocks":
+        p = ["stages", p[1], *p[3:]]
+        if p[3] == "mlp":
+            p[4] = {"fc1": "0", "fc2": "3"}[p[4]]
+        elif p[3] == "attn" and len(p) == 6 and int(p[1]) < 3:  # BRA stages: qkv.qkv and wo
+            p = p[:4] + {"qkv": ["qkv", "qkv"], "proj": ["wo"], "lepe": ["lepe"]}[p[4]] + p[5:]
+    return ".".join(p)
+
+
+# facts read off the official model's state_dict() (biformer_tiny: 264 entries)
+OFFICIAL_TINY = {
+    "downsample_layers.0.0.weight": (32, 3, 3, 3), "downsample_layers.1.1.running_var": (128,),
+    "stages.0.0.pos_embed.weight": (64, 1, 3, 3), "stages.0.0.attn.qkv.qkv.weight": (192, 64),
+    "stages.0.0.attn.wo.bias": (64,), "stages.0.0.attn.lepe.weight": (64, 1, 5, 5),
+    "stages.2.7.mlp.3.weight": (256, 768), "stages.3.1.attn.qkv.weight": (1536, 512),
+    "stages.3.1.attn.proj.weight": (512, 512), "stages.3.1.attn.lepe.bias": (512,),
+    "norm.num_batches_tracked": (), "head.weight": (1000, 512),
+}
+
+
+def test_official_key_layout_of_tiny():
+    with torch.device("meta"):
+        net = zoo.get_spec("biformer_tiny").builder()
+    sd = {to_official(k): v for k, v in net.state_dict().items()}
+    assert len(sd) == 264
+    for k, shape in OFFICIAL_TINY.items():
+        assert tuple(sd[k].shape) == shape, k
+    assert set(checkpoint_filter(sd, net)) == set(net.state_dict())
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_official_checkpoint_loads(tmp_path, wrap):
+    torch.manual_seed(0)
+    src = zoo.create_model("biformer_nano", num_classes=10).eval()
+    for m in src.modules():  # make BN statistics matter
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+    official = {to_official(k): v for k, v in src.state_dict().items()}
+    assert "stages.0.0.attn.qkv.qkv.weight" in official and "stages.3.0.attn.qkv.weight" in official
+    path = tmp_path / "biformer_official.pth"
+    torch.save({"model": official, "epoch": 300} if wrap else official, path)
+    net = zoo.create_model("biformer_nano", num_classes=10, pretrained_file=str(path)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(net(x), src(x), atol=0, rtol=0)
+    # the segmenter takes an official classification checkpoint as its encoder
+    seg = zoo.create_model("biformer_fpn_nano", num_classes=3, pretrained_file=str(path))
+    torch.testing.assert_close(seg.encoder.stages[0].blocks[0].attn.qkv.weight, src.stages[0].blocks[0].attn.qkv.weight)
