@@ -79,7 +79,7 @@ def test_padding_is_masked_out_of_routing():
     attn = BiLevelRoutingAttention(dim=16, num_heads=2, n_win=4, topk=3)
     x = torch.randn(2, 3, 5, 16)  # padded to 4x8 (1x2 regions): row 3 and columns 6-7 hold only padding
     assert torch.isfinite(attn(x)).all()
-    _, _, idx, valid, _ = attn._project(x)
+    *_, idx, valid, _ = attn._project(x)
     assert (~valid.any(1)).sum() == 7 and valid[idx].any(-1).all()
 
 

@@ -81,49 +81,57 @@ class BiLevelRoutingAttention(nn.Module):
         self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)  # LCE on v
 
     def _project(self, x: torch.Tensor):
-        """qkv by region + everything routing needs. Returns (qkv [N*S2, T, 3C], lepe NHWC, idx [N, S2, k],
-        key-valid mask [S2, T] or None, padded size)."""
+        """q, k, v by region + routing. Returns (q, k, v each ``[N*S2, T, heads, hd]``, lepe NHWC,
+        idx ``[N, S2, k]``, key-valid mask ``[S2, T]`` or None, padded size)."""
         n, h, w, c = x.shape
-        s = self.n_win
-        qkv = self.qkv(x)
-        lepe = self.lepe(qkv[..., 2 * c:].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # on the unpadded v
+        s, heads = self.n_win, self.num_heads
+        # three F.linear on row blocks of the official fused weight: same maths, but each output is its own
+        # tensor, so backward never zero-fills and slices a 3c-wide gradient
+        wq, wk, wv = self.qkv.weight.chunk(3, 0)
+        bq, bk, bv = self.qkv.bias.chunk(3, 0)
+        v_img = F.linear(x, wv, bv)
+        lepe = self.lepe(v_img.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # LCE on the unpadded v
         ph, pw = (-h) % s, (-w) % s
-        if ph or pw:
-            qkv = F.pad(qkv, (0, 0, 0, pw, 0, ph))
         hp, wp = h + ph, w + pw
         rh, rw = hp // s, wp // s
-        # (n, S*rh, S*rw, 3c) -> (n*S2, rh*rw, 3c): the one re-layout copy
-        qkv = qkv.view(n, s, rh, s, rw, 3 * c).permute(0, 1, 3, 2, 4, 5).reshape(n * s * s, rh * rw, 3 * c)
+
+        def regions(t: torch.Tensor) -> torch.Tensor:  # (n, hp, wp, c) -> (n*S2, rh*rw, heads, hd): one copy
+            if ph or pw:
+                t = F.pad(t, (0, 0, 0, pw, 0, ph))
+            t = t.view(n, s, rh, s, rw, c).transpose(2, 3)
+            return t.reshape(n * s * s, rh * rw, heads, c // heads)
+
+        q, k, v = regions(F.linear(x, wq, bq)), regions(F.linear(x, wk, bk)), regions(v_img)
         valid = _valid_tokens(h, w, hp, wp, s, x.device) if (ph or pw) else None
         with torch.no_grad():  # diff_routing=False: q and k are detached for routing
-            qk = qkv[..., : 2 * c]
             if valid is None:
-                qk_r = qk.mean(1)
+                q_r, k_r = q.mean(1), k.mean(1)
             else:  # mean over real tokens only
-                m = valid.to(qk.dtype).repeat(n, 1)[..., None]
-                qk_r = (qk * m).sum(1) / m.sum(1).clamp_min(1)
-            q_r, k_r = qk_r.view(n, s * s, 2 * c).split(c, -1)
+                m = valid.to(q.dtype).repeat(n, 1)[..., None, None]
+                cnt = m.sum(1).clamp_min(1)
+                q_r, k_r = (q * m).sum(1) / cnt, (k * m).sum(1) / cnt
+            q_r, k_r = q_r.view(n, s * s, c), k_r.view(n, s * s, c)
             logits = (q_r * self.scale) @ k_r.transpose(-1, -2)  # (n, S2, S2)
             if valid is not None:
                 logits = logits.masked_fill(~valid.any(1), float("-inf"))  # empty regions are never routed to
             idx = torch.topk(logits, k=self.topk, dim=-1).indices  # routing weights: unused (mul_weight='none')
-        return qkv, lepe, idx, valid, (hp, wp)
+        return q, k, v, lepe, idx, valid, (hp, wp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, h, w, c = x.shape
         s, k, heads = self.n_win, self.topk, self.num_heads
-        hd = c // heads
-        qkv, lepe, idx, valid, (hp, wp) = self._project(x)
-        t = qkv.shape[1]
+        q, kk, v, lepe, idx, valid, (hp, wp) = self._project(x)
+        t = q.shape[1]
         flat = (idx + torch.arange(n, device=x.device).view(n, 1, 1) * (s * s)).reshape(-1)
-        kv = qkv[..., c:].index_select(0, flat).view(n * s * s, k * t, 2, heads, hd)  # routed k|v, one copy
-        q = qkv[..., :c].unflatten(-1, (heads, hd)).transpose(1, 2)  # (n*S2, heads, t, hd), a view
+        # the routed regions' keys and values: the one k-fold copy the algorithm needs, as strided views
+        ks = kk.index_select(0, flat).view(n * s * s, k * t, heads, c // heads).transpose(1, 2)
+        vs = v.index_select(0, flat).view(n * s * s, k * t, heads, c // heads).transpose(1, 2)
         mask = None
         if valid is not None:  # padded keys take no part in attention
             mask = valid[idx].view(n * s * s, 1, 1, k * t)
-        out = F.scaled_dot_product_attention(q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
-                                             attn_mask=mask, scale=self.scale)
-        out = out.transpose(1, 2).reshape(n, s, s, hp // s, wp // s, c).permute(0, 1, 3, 2, 4, 5)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), ks, vs, attn_mask=mask, scale=self.scale)
+        # (n*S2, heads, t, hd) -> (n, hp, wp, c)
+        out = out.view(n, s, s, heads, hp // s, wp // s, c // heads).permute(0, 1, 4, 2, 5, 3, 6)
         out = out.reshape(n, hp, wp, c)[:, :h, :w]
         return self.proj(out + lepe)
 
@@ -133,10 +141,10 @@ class BiLevelRoutingAttention(nn.Module):
         ``[N, S2, heads, T, k*T]`` (queries of each region over its routed tokens), with the padded size."""
         n, h, w, c = x.shape
         s, heads = self.n_win, self.num_heads
-        qkv, _, idx, valid, padded = self._project(x)
-        t = qkv.shape[1]
-        q = qkv[..., :c].unflatten(-1, (heads, c // heads)).transpose(1, 2)
-        kk = qkv[..., c:2 * c].reshape(n, s * s, t, heads, c // heads)
+        q, kk, _, _, idx, valid, padded = self._project(x)
+        t = q.shape[1]
+        q = q.transpose(1, 2)
+        kk = kk.view(n, s * s, t, heads, c // heads)
         kk = kk[torch.arange(n, device=x.device)[:, None, None], idx]  # (n, S2, k, t, heads, hd)
         kk = kk.reshape(n * s * s, -1, heads, c // heads).transpose(1, 2)
         logits = (q * self.scale) @ kk.transpose(-1, -2)
