@@ -63,9 +63,9 @@ def test_prune_tokens_keeps_top_k_in_order_and_pool_ignores_pruned():
 
 def test_lite_keeps_requested_token_counts(lite_nano):
     x = torch.randn(2, 3, 32, 32)
-    assert lite_nano.keep_counts(64) == [64, 48, 48, 32, 32, 32]  # 25% of 64 dropped at blocks 2 and 4
+    assert lite_nano.keep_counts(64) == [64, 48, 48, 32]  # 25% of 64 dropped at blocks 2 and 4
     feats = lite_nano.forward_features(x)
-    assert feats.shape == (2, 32, 96)
+    assert feats.shape == (2, 32, 64)
     torch.testing.assert_close(lite_nano.forward_head(feats, pre_logits=True), feats.mean(1))
     full = zoo.create_model("dependencyvit_lite_tiny", num_classes=10)
     assert full.keep_counts(196) == [196, 164, 164, 164, 133, 133, 133, 101, 101, 101, 70, 70]
@@ -111,13 +111,13 @@ def _check_forest(parent: torch.Tensor) -> None:
 def test_dependency_tree_every_non_root_has_one_parent(nano, lite_nano):
     x = torch.randn(2, 3, 32, 32)
     trees = nano.dependency_tree(x)
-    assert sorted(trees) == list(range(6))
+    assert sorted(trees) == list(range(4))
     for t in trees.values():
         assert t.shape == (2, 64) and t.dtype == torch.long and (t >= -1).all()
         _check_forest(t)
     trees = lite_nano.dependency_tree(x, layers=[0, -1])
-    assert sorted(trees) == [0, 5]
-    assert ((trees[5] == -2).sum(1) == 64 - 32).all()  # tokens pruned at blocks 2 and 4 are absent in block 6
+    assert sorted(trees) == [0, 3]
+    assert ((trees[3] == -2).sum(1) == 64 - 48).all()  # tokens pruned at block 2 are absent in block 4
     for t in trees.values():
         _check_forest(t)
 

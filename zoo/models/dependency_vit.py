@@ -21,7 +21,8 @@ Reversed attention (one block; ``x: [B, N, C]``, H heads)::
 The P and M factors scale *senders* (columns of A_R), so they are applied to ``v`` (N x C_h per head)
 instead of to the N x N matrix: the block costs one ordinary (non-fused) attention plus a transposed
 matmul operand, which BLAS reads in place (no copy). ``F.scaled_dot_product_attention`` cannot express
-the transpose, hence the explicit matmuls.
+the transpose, hence the explicit matmuls. The head selector and the controller's first layer share one
+matmul with ``qkv`` (weights concatenated at run time; parameters and state-dict keys unchanged).
 Because ``sum_h P = 1`` and every column of ``A_F^T`` sums to 1, the total mass token j sends in a block
 is exactly ``m_j``: the message controller *is* the "how many messages does this token send" score.
 
@@ -34,6 +35,9 @@ Documented choices (the paper leaves them open here, or they could not be checke
   ``m_l = m_{l-1} * sigmoid(MLP_l(x))`` which also multiplies the final features by ``m`` before pooling.
 - no class token; the head reads the plain average of the final-norm tokens that survive pruning
   (``global_pool='avg'``, ``fc_norm=False``).
+- heads: DeiT geometry, Tiny 192-d x 12 blocks x 3 heads, Small 384-d x 12 x 6 (the draft used 12 heads for
+  both; the paper's head counts could not be checked). ``num_heads`` is a constructor argument; 12 heads of
+  16 dims make the N x N softmax 4x larger and cost ~25% throughput on CPU.
 - ``qkv_bias=True`` (DeiT/ViT default; the draft used False), LayerScale off for the paper sizes (the
   draft's 1e-6 is a constructor argument, ``init_values``), learned absolute position embeddings resampled
   for other input sizes (``dynamic_img_size=True``).
@@ -61,7 +65,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerScale, Mlp
+from timm.layers import DropPath, LayerScale, Mlp, build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -188,7 +192,8 @@ class DependencyViT(VisionTransformer):
                  qkv_bias: bool = True, init_values: float | None = None, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, head_temperature: float = 0.1,
                  cumulative_m: bool = False, prune_layers: Sequence[int] = (), prune_ratio: float = 0.0,
-                 prune_score: str = "sent", explain_layer: int = -1, num_parts: int = 6):
+                 prune_score: str = "sent", explain_layer: int = -1, num_parts: int = 6,
+                 pos_embed_init: str = "trunc_normal"):
         def block_fn(**kw):
             return DependencyBlock(**kw, head_temperature=head_temperature, cumulative_m=cumulative_m)
 
@@ -209,6 +214,12 @@ class DependencyViT(VisionTransformer):
         self.prune_layers, self.prune_ratio, self.prune_score = tuple(prune_layers), prune_ratio, prune_score
         self.cumulative_m = cumulative_m
         self.explain_layer, self.num_parts = explain_layer, num_parts
+        if pos_embed_init == "sincos":  # fixed 2-D sin-cos start, still learned: helps tiny data sets
+            with torch.no_grad():
+                grid = list(self.patch_embed.grid_size)
+                self.pos_embed.copy_(build_sincos2d_pos_embed(grid, embed_dim).reshape(1, -1, embed_dim))
+        elif pos_embed_init != "trunc_normal":
+            raise ValueError(f"pos_embed_init must be 'trunc_normal' or 'sincos', got {pos_embed_init!r}")
 
     # ------------------------------------------------------------------ token counts
     def keep_counts(self, num_tokens: int) -> list[int]:
@@ -402,7 +413,8 @@ def dependencyvit_lite_small(pretrained: bool = False, **kwargs) -> nn.Module:
                    **{**_SMALL, **_LITE, **kwargs})
 
 
-_NANO = dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=4, mlp_ratio=2.0, num_parts=4)
+_NANO = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, num_parts=4,
+             pos_embed_init="sincos")
 
 
 @register_model(input_size=(3, 32, 32), size_divisor=4, min_size=16, source="zoo (CPU variant for 32 px)",
