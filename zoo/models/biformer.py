@@ -23,6 +23,15 @@ Documented choices / deviations:
   materialises the attention matrix. Here qkv is laid out by region once, the routed regions' k|v are picked
   with one ``index_select`` (the single k-fold copy the algorithm needs: each region attends to its own set),
   and attention runs in ``F.scaled_dot_product_attention`` on strided views (no further copies).
+  Measured side by side with the official legacy model, ``biformer_tiny`` at 224 (same weights; fp32 max
+  |logit diff| 4.8e-7 on GPU, 3.6e-7 on CPU):
+
+  | H200, bf16 autocast, batch 128 | infer img/s | train img/s | peak MiB infer / train |
+  |---|---|---|---|
+  | official (ops/bra_legacy.py)   | 3276        | 1019        | 1294 / 11714           |
+  | zoo                            | 4674        | 1338        | 885 / 9573             |
+
+  (CPU numbers, 2 shared cores, batch 8: see the issue #3 note; they depend on the machine's load.)
 - **Padding.** Sizes that are not multiples of ``n_win`` are always zero-padded (the official ``auto_pad``;
   without padding nothing changes). Unlike the official code, padded tokens are masked: region means are taken
   over real tokens only, regions with no real token cannot be routed to, padded keys get no attention, and LCE
@@ -302,7 +311,8 @@ class BiFormer(nn.Module):
                        query_regions: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """Bi-level routing of one BRA block (default: last block of stage 2, 0-based ``stage=1``).
 
-        For K chosen query regions (default: top-left, centre, bottom-right):
+        For K chosen query regions (row-major region indices; default: the first, middle and last region
+        holding real tokens, i.e. top-left, centre, bottom-right for unpadded maps):
         ``routed``: ``[B, K, S, S]`` 1 on the regions routed to (the query region itself is marked 0.5 when
         not routed); ``attention``: ``[B, K, h, w]`` token attention of the query region's tokens (mean over
         its real queries and the heads) on the stage's feature map, zero outside the routed regions.
@@ -322,10 +332,11 @@ class BiFormer(nn.Module):
         idx, probs, (hp, wp) = attn.routing_and_probs(xa)
         rh, rw = hp // s, wp // s
         t = rh * rw
-        if query_regions is None:
-            query_regions = [0, (s // 2) * s + s // 2, s * s - 1]
-        qr = torch.as_tensor(list(query_regions), device=x.device)
         valid = _valid_tokens(h, w, hp, wp, s, x.device) if (hp, wp) != (h, w) else torch.ones(s * s, t, dtype=torch.bool, device=x.device)
+        if query_regions is None:  # first, middle and last region holding real tokens
+            real = valid.any(1).nonzero().flatten().tolist()
+            query_regions = list(dict.fromkeys([real[0], real[len(real) // 2], real[-1]]))
+        qr = torch.as_tensor(list(query_regions), device=x.device)
         p = probs[:, qr].mean(2)  # (n, K, t, k*t): mean over heads
         qv = valid[qr].to(p.dtype)  # average over the real queries of the region only
         p = (p * qv[None, :, :, None]).sum(2) / qv.sum(1).clamp_min(1)[None, :, None]  # (n, K, k*t)
