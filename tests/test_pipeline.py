@@ -73,7 +73,7 @@ def test_resume_from_last_and_evaluate_reproduces(compose_cfg, tmp_path):
                                 f"ckpt_path={last}"], out_dir=run)
     resumed = train(cfg)
     ckpt = torch.load(last, weights_only=True)
-    assert ckpt["loops"]["fit_loop"]["epoch_progress"]["total"]["completed"] == 2
+    assert ckpt["epoch"] == 1 and ckpt["loops"]["fit_loop"]["epoch_progress"]["total"]["processed"] == 2
     assert ckpt["global_step"] == 6  # 3 steps in each of the 2 epochs: none repeated, none lost
 
     best = next((run / "checkpoints").glob("best-*.ckpt"))
@@ -83,6 +83,18 @@ def test_resume_from_last_and_evaluate_reproduces(compose_cfg, tmp_path):
     assert set(again) == set(resumed)
     for k in resumed:
         assert again[k] == pytest.approx(resumed[k], abs=1e-6), k
+
+
+def test_last_checkpoint_is_the_latest_epoch_even_without_improvement(compose_cfg, tmp_path):
+    from train import train
+
+    run = tmp_path / "run"
+    # lr 0: the monitored metric cannot improve after the first epoch
+    train(compose_cfg("train", ["model=halonet_tiny", "data=digits", *SHORT, "trainer.max_epochs=3", "optim.lr=0",
+                                "test=false"], out_dir=run))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["global_step"] == 9
+    assert [p.name for p in (run / "checkpoints").glob("best-*.ckpt")] == ["best-epoch000.ckpt"]
 
 
 def test_explain_writes_pngs(compose_cfg, tmp_path):
