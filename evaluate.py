@@ -32,11 +32,22 @@ def explain(task, dm, out_dir: str, max_images: int) -> list[Path]:
     batch = next(iter(dm.test_dataloader()))
     with torch.no_grad():
         if task.task == "mil":
-            images, maps = _explain_bags(net, dm, *batch[:2], max_images)
+            coords = getattr(dm.test_set, "coords", None)
+            if coords is not None and coords(0) is not None and dm.test_dataloader().batch_size == 1:
+                images, maps = _explain_slide(net, batch[0][:1], batch[1][:1], coords(0)[None])
+            else:
+                images, maps = _explain_bags(net, dm, *batch[:2], max_images)
         else:
             x = batch[0][:max_images]
             images, maps = denormalize(x, dm.mean, dm.std), net.attention_maps(x)
     return save_attention_maps(images, maps, out_dir, prefix=task.hparams.model["name"], max_images=max_images)
+
+
+def _explain_slide(net, bags, mask, coords):
+    """Feature bags with tile coordinates: per-branch heatmaps on the slide's tile grid."""
+    maps = net.attention_maps(bags, mask, coords=coords)
+    h, w = next(iter(maps.values())).shape[-2:]
+    return torch.full((1, 3, h * 16, w * 16), 0.5), maps
 
 
 def _explain_bags(net, dm, bags, mask, max_images):

@@ -183,3 +183,33 @@ def test_explain_writes_bag_mosaics(compose_cfg, tmp_path):
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 4  # 2 bags x (branch_attention, slide_attention)
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_coords_heatmap_is_on_the_tile_grid():
+    net = zoo.create_model("acmil", num_classes=2, in_dim=8).eval()
+    coords = torch.tensor([[[0, 0], [512, 0], [0, 256], [1024, 768]]])  # x, y in pixels, 256 px tiles
+    maps = net.attention_maps(torch.randn(1, 4, 8), coords=coords)
+    grid = maps["slide_attention"][0, 0]
+    assert grid.shape == (4, 5)  # rows = y / 256 + 1, cols = x / 256 + 1
+    attn = net.attention_weights(torch.randn(1, 4, 8)).mean(1)[0]
+    assert (grid > 0).sum() == 4 and grid[3, 4] > 0 and grid[0, 2] > 0 and grid[1, 0] > 0
+    assert grid.sum().item() == pytest.approx(1.0, abs=1e-5) and attn.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_explain_feature_bags_with_coords_draws_the_tile_grid(tmp_path):
+    from evaluate import explain
+    from zoo.data import MILDataModule
+    from zoo.features import extract_features
+    from zoo.tasks import MILTask
+
+    _write_tiles(tmp_path / "tiles", [("all", f"bag{i}", 4) for i in range(10)])
+    extract_features(tmp_path / "tiles", tmp_path / "feats", "halonet_tiny", progress=False)
+    (tmp_path / "feats" / "labels.csv").write_text("bag_id,label\n" + "".join(f"bag{i},{i % 2}\n" for i in range(10)))
+    for f in (tmp_path / "feats" / "pt_files").glob("*.pt"):
+        f.unlink()  # h5 only: features and coords
+    dm = MILDataModule(dataset="featurebags", root=str(tmp_path / "feats"), labels="labels.csv", batch_size=1)
+    dm.setup()
+    net = zoo.create_model("acmil", num_classes=2, in_dim=256)
+    task = MILTask(net, model={"name": "acmil", "kwargs": {"in_dim": 256}}, num_classes=2)
+    paths = explain(task, dm, str(tmp_path / "maps"), 4)
+    assert len(paths) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
