@@ -6,6 +6,8 @@ The training script relies on exactly this surface (``task``, ``configure_for_mo
 """
 from __future__ import annotations
 
+import abc
+
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -169,8 +171,9 @@ class ZooDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @abc.abstractmethod
     def _load_classes(self) -> list[str]:
-        raise NotImplementedError
+        """The dataset's class names (each datamodule reads them its own way)."""
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"in_chans": 1} if self.in_chans == 1 else {}
@@ -184,8 +187,9 @@ class ZooDataModule(L.LightningDataModule):
         self._build()
         self._built_key = key
 
+    @abc.abstractmethod
     def _build(self) -> None:
-        raise NotImplementedError
+        """Create train_set / val_set / test_set."""
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         hp = self.hparams
