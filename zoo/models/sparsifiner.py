@@ -65,7 +65,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.layers import build_sincos2d_pos_embed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
@@ -314,6 +314,7 @@ class Sparsifiner(VisionTransformer):
         attn_recon_weight: float = 0.01,
         label_smoothing: float = 0.1,
         map_queries: Sequence[int] | None = None,
+        pos_embed_init: str = "trunc_normal",
     ):
         num_tokens = (img_size // patch_size) ** 2 + 1
         predictor_kwargs = dict(reduce_n_factor=reduce_n_factor, reduce_c_factor=reduce_c_factor,
@@ -345,6 +346,13 @@ class Sparsifiner(VisionTransformer):
                           **predictor_kwargs)
         self.__dict__["_teacher"] = None  # unregistered: not in state_dict, not a parameter of the student
         self.freeze_pos_embed = freeze_pos_embed
+        if pos_embed_init == "sincos":  # 2-D sin-cos start (class token at 0), still learned: helps tiny data
+            with torch.no_grad():
+                grid = list(self.patch_embed.grid_size)
+                self.pos_embed.zero_()
+                self.pos_embed[:, 1:].copy_(build_sincos2d_pos_embed(grid, embed_dim).reshape(1, -1, embed_dim))
+        elif pos_embed_init != "trunc_normal":
+            raise ValueError(f"pos_embed_init must be 'trunc_normal' or 'sincos', got {pos_embed_init!r}")
         self.set_phase(phase)
 
     # ------------------------------------------------------------------ phases
@@ -599,10 +607,11 @@ def sparsifiner_deit_base(pretrained: bool = False, **kwargs: Any) -> Sparsifine
     return _create(pretrained, "deit_base_patch16_224", **{**dict(embed_dim=768, depth=12, num_heads=12), **kwargs})
 
 
-@register_model(input_size=(3, 32, 32), source="zoo (timm ViT, 32 px, patch 8, 4 x 64-d, 2 heads, MLP ratio 2, reduce_n_factor 2)", **_SPEC)
+@register_model(input_size=(3, 32, 32), source="zoo (timm ViT, 32 px, patch 4, 4 x 64-d, 4 heads, MLP ratio 2, sin-cos start)", **_SPEC)
 def sparsifiner_deit_nano(pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
-    """CPU variant for the embedded digits (sized to train in minutes on 2 heavily shared cores): 17 tokens,
-    keep rate 0.25 -> 5 keys per query; ``reduce_n_factor=2`` (rank 8: 17 // 6 would leave rank 2).
+    """CPU variant for the embedded digits: 4x4 patches (64 tokens + class token), keep rate 0.25 -> 16 keys per
+    query, the code's ``reduce_n_factor=6`` (rank 10). The position embedding starts from a 2-D sin-cos table
+    (still learned): with 8x8 patches and a trunc-normal start the dense model only reached 0.82 on digits.
     ``attn_keep_rate=1.0`` is its dense DeiT baseline (the teacher of the digits experiment)."""
-    return _create(pretrained, None, **{**dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=2,
-                                               mlp_ratio=2.0, reduce_n_factor=2), **kwargs})
+    return _create(pretrained, None, **{**dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,
+                                               mlp_ratio=2.0, pos_embed_init="sincos"), **kwargs})
