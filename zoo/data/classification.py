@@ -19,6 +19,7 @@ from .common import (
     split_indices,
 )
 from .embedded import DIGIT_CLASSES, load_digits_tensor
+from .standard import STANDARD, read_standard
 from .folders import (
     CIFAR,
     CIFAR_NUM_CLASSES,
@@ -36,7 +37,14 @@ _IMAGENET = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, in_chans=3)
 
 class ClassificationDataModule(ZooDataModule):
     """``dataset``: ``digits`` (embedded), ``imagefolder`` (``root/{train,val,test}/CLASS/*``),
-    ``cifar10``/``cifar100`` (torchvision pickles under ``root``).
+    ``cifar10``/``cifar100`` (torchvision pickles under ``root``), or a standard dataset read from its
+    published layout (``zoo.data.standard``: imagenet, cub200, stanford_dogs, stanford_cars,
+    fgvc_aircraft, oxford_pets, flowers102, food101).
+
+    ``resize_ratio``: resize the short side to ``round(img_size * resize_ratio)``, then crop ``img_size``
+    (random crop + flip in training, centre crop otherwise): the FGVC pipeline (resize 550, crop 448) is
+    ``img_size=448, resize_ratio=1.2277`` and follows ``img_size`` when it is overridden. Without it,
+    training uses RandomResizedCrop and evaluation the usual 0.875 centre crop.
 
     Missing val/test splits are seeded stratified splits of train (``val_fraction``,
     ``test_fraction`` of it); ``digits`` is split 70/10/20 of all 1,797 images by default.
@@ -48,6 +56,7 @@ class ClassificationDataModule(ZooDataModule):
         "imagefolder": dict(img_size=224, **_IMAGENET),
         "cifar10": dict(img_size=32, **_IMAGENET),
         "cifar100": dict(img_size=32, **_IMAGENET),
+        **{name: dict(img_size=224, **_IMAGENET) for name in STANDARD},
     }
 
     def __init__(
@@ -67,6 +76,7 @@ class ClassificationDataModule(ZooDataModule):
         download: bool = False,
         augment: bool = True,
         verify_checksums: bool = True,
+        resize_ratio: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -80,6 +90,11 @@ class ClassificationDataModule(ZooDataModule):
         hp = self.hparams
         if hp.root is not None:
             return Path(hp.root).expanduser()
+        if hp.dataset in STANDARD:
+            raise DatasetNotFoundError(
+                f"dataset={hp.dataset} needs data.root=PATH\nExpected layout under it:\n"
+                f"{STANDARD[hp.dataset].layout}\nHow to get it: {STANDARD[hp.dataset].get}"
+            )
         if hp.dataset == "imagefolder":
             raise DatasetNotFoundError(
                 f"dataset=imagefolder needs data.root\nExpected layout:\n{IMAGEFOLDER_LAYOUT}"
@@ -96,6 +111,8 @@ class ClassificationDataModule(ZooDataModule):
         name = self.hparams.dataset
         if name == "digits":
             return list(DIGIT_CLASSES)
+        if name in STANDARD:
+            return self._standard_splits().classes
         if name == "imagefolder":
             return find_classes(require_dir(self.root / "train", "imagefolder", IMAGEFOLDER_LAYOUT))
         self.prepare_data()
@@ -111,8 +128,13 @@ class ClassificationDataModule(ZooDataModule):
         return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
 
     def _folder_transforms(self, train: bool) -> v2.Compose:
-        s = self.img_size
-        if train and self.hparams.augment:
+        s, ratio = self.img_size, self.hparams.resize_ratio
+        if ratio is not None:  # resize then crop (FGVC: 550 -> 448)
+            r = round(s * ratio)
+            crop = v2.RandomCrop(s) if train and self.hparams.augment else v2.CenterCrop(s)
+            flip = [v2.RandomHorizontalFlip()] if train and self.hparams.augment else []
+            geo = [v2.Resize(r, antialias=True), crop, *flip]
+        elif train and self.hparams.augment:
             geo = [v2.RandomResizedCrop(s, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip()]
         else:  # the usual 0.875 centre crop
             geo = [v2.Resize(int(s / 0.875), antialias=True), v2.CenterCrop(s)]
@@ -130,6 +152,8 @@ class ClassificationDataModule(ZooDataModule):
     # ------------------------------------------------------------------ datasets
     def _build(self) -> None:
         name = self.hparams.dataset
+        if name in STANDARD:
+            return self._build_standard()
         {"digits": self._build_digits, "imagefolder": self._build_imagefolder}.get(
             name, self._build_cifar
         )()
@@ -181,3 +205,20 @@ class ClassificationDataModule(ZooDataModule):
         self.val_set = ImageList(splits["val"], self._folder_transforms(False), c)
         self.test_set = ImageList(splits["test"], self._folder_transforms(False), c)
         self._classes = classes
+
+    def _standard_splits(self):
+        if getattr(self, "_splits", None) is None:
+            self._splits = read_standard(self.hparams.dataset, self.root, download=self.hparams.download)
+        return self._splits
+
+    def _build_standard(self) -> None:
+        sp = self._standard_splits()
+        train, val = sp.train, sp.val
+        if val is None:  # no official validation split: a seeded stratified part of train
+            tr, va, _ = self._split([t for _, t in train], need_test=False)
+            train, val = [sp.train[i] for i in tr], [sp.train[i] for i in va]
+        c = self.in_chans
+        self.train_set = ImageList(train, self._folder_transforms(True), c)
+        self.val_set = ImageList(val, self._folder_transforms(False), c)
+        self.test_set = ImageList(sp.test, self._folder_transforms(False), c)
+        self._classes = sp.classes
