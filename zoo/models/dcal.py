@@ -1,0 +1,519 @@
+"""DCAL: dual cross-attention learning (GLCA + PWCA) on timm's DeiT / ViT.
+
+Paper: Zhu, Ke, Li, Liu, Tian, Shan, "Dual Cross-Attention Learning for Fine-Grained Visual Categorization
+and Object Re-Identification", CVPR 2022 (arXiv 2205.02151). There is no official code; this file follows
+the paper and the zoo's spec sheet (``shared/papers/dcal.md``). Built on timm's ``VisionTransformer`` /
+``Block`` / ``Attention``: the self-attention (SA) stack has timm's parameter names, so timm DeiT / ViT
+weights load unchanged (``pretrained=True`` or ``pretrained_file=``; ``pos_embed`` is resampled for other
+input sizes, e.g. the 448 px FGVC recipe from 224 px weights, by timm's ``checkpoint_filter_fn``).
+
+Three branches, trained jointly (``forward_train``), with ``x: [B, 1+N, D]`` tokens:
+
+* SA: the L = ``depth`` (12) timm blocks, class token -> ``norm`` -> ``head``.
+* GLCA (global-local cross-attention, M = 1 block with its OWN weights, norm and classifier):
+  1. attention rollout over the SA blocks ``1..glca_input``: ``S_hat = S_bar_i ... S_bar_1`` with
+     ``S_bar = 0.5 S + 0.5 I``, S = the block's attention probabilities averaged over heads, rows
+     re-normalised; computed without gradient, in fp32. Only the class row is needed, so it is
+     propagated as a row vector, ``e_0^T S_bar_L ... S_bar_1`` (N^2 per layer; the full N x N product,
+     ``rollout()``, costs N^3 per layer and is kept for inspection and tests);
+  2. the R = ``round(glca_ratio * N)`` patch tokens (at least 1) with the largest class-row rollout;
+  3. queries: the class token + those R tokens; keys / values: ALL 1+N tokens of the same layer:
+     ``softmax(Q_l K_g^T / sqrt(d)) V_g``, then the block's MLP, on the 1+R query tokens only;
+  4. the GLCA class token -> ``glca_norm`` -> ``glca_head``.
+* PWCA (pair-wise cross-attention, training only, T = ``depth`` blocks that SHARE every SA weight: they are
+  the same ``Block`` modules, and the same ``norm`` / ``head``): a second token stream of image I1 runs
+  through the blocks in lock-step with SA; at every block its queries attend to the concatenation of its
+  own keys / values and those of a partner image I2, ``K_c = [K_1; K_2]``, ``V_c = [V_1; V_2]`` (2+2N
+  keys, one joint softmax). Trained with I1's label.
+
+Loss (Kendall et al. uncertainty weighting, as the paper):
+``L = 1/2 (e^-w1 L_SA + e^-w2 L_GLCA + e^-w3 L_PWCA + w1 + w2 + w3)``; ``forward_train`` returns it as
+three named terms ``{"sa", "glca", "pwca"}`` (``1/2 (e^-w_k L_k + w_k)`` each) so the task logs each
+branch; their sum is L. The w's are one parameter, ``loss_log_vars`` (no weight decay).
+
+Inference (``forward``): the sum of the SA and GLCA class probabilities. The model returns
+``log((p_SA + p_GLCA) / 2)``: normalised log-probabilities, so argmax is the argmax of the summed
+probabilities, ``softmax`` of the output gives back their mean, and the task's cross-entropy on the output
+is the negative log-likelihood of that mean (a proper loss for ``val/loss``). ``inference="sa"`` or
+``"glca"`` returns that branch's plain logits instead (the paper's SA-only inference ablation).
+
+Documented choices (the paper leaves them open) and deviations:
+- GLCA placement: after the L-th SA block, on its output tokens, with the rollout over all L blocks
+  (reading (a) of the spec sheet; the more faithful re-implementation does the same). ``glca_input=L-1``
+  gives reading (b): GLCA parallel to the last SA block, on the input of block L, rollout over blocks
+  1..L-1. Either way the block computes queries, attention output and MLP for the 1+R selected tokens
+  only, keys / values for all tokens: at 224 px on DeiT-T this is +1.9% MACs (the paper: about +2%).
+- Head fusion in the rollout: plain mean over heads, then ``0.5 S + 0.5 I`` and row re-normalisation
+  (the re-implementations do this; the paper does not say).
+- R counts patch tokens only: ``round(0.1 * 784) = 78`` at 448 px / patch 16, ``round(0.1 * 196) = 20`` at
+  224 px, 6 of 64 on the nano variant. The class token is always an extra query (both re-implementations
+  include it; the paper's GLCA classifier reads a class token).
+- GLCA start: with ``pretrained=True`` / a timm or DeiT file that has no ``glca_*`` keys, the GLCA block
+  starts as a copy of the LAST SA block, ``glca_norm`` as a copy of ``norm`` and ``glca_head`` as a copy of
+  ``head`` when the class counts match (else fresh); the paper does not say. Without weights everything
+  starts with timm's ViT init.
+- PWCA partner: another image of the same mini-batch, chosen by a random cyclic permutation (every image
+  is someone's partner exactly once and never its own; with a batch of one the image is its own partner).
+  The paper samples I2 from the training set at random, without class constraints; a shuffled batch is an
+  equivalent sample. The partner's keys / values at block i are those of its SA stream at block i (the SA
+  pass computes them anyway, so PWCA costs one extra stream, not two), and gradients flow through them.
+- PWCA reuses the SA final norm and classifier as well ("shares weights with SA").
+- Loss-weight init: ``w = 0`` (``loss_weight_init``; unstated in the paper; the re-implementations use 0,
+  FairMOT used -1.85 / -1.05). ``loss_weighting="sum"`` gives a plain sum of the three losses.
+  Cross-entropy with ``label_smoothing`` (default 0, as the paper's "cross-entropy").
+- ``glca=False, pwca=False`` is the plain DeiT / ViT baseline (no extra parameters; CE only): the SA-only
+  baseline of the paper's tables. Each branch can be switched off alone (loss weights follow).
+- M = 1 GLCA block only (the paper's setting); T = L PWCA blocks (the paper's T = 12 = L).
+- SA attention probabilities are needed for the rollout, so when GLCA is on the SA blocks run explicit
+  (non-fused) attention; the PWCA stream and the GLCA block use ``F.scaled_dot_product_attention``.
+- Input sizes: any multiple of the patch size (``dynamic_img_size``: ``pos_embed`` is resampled on the
+  fly); build with ``img_size=448`` for the FGVC recipe so the resampling happens once, at load time.
+- Re-ID (triplet loss, feature concatenation at inference) is not implemented.
+- ``dcal_deit_nano`` (CPU, 32 px digits): 4x4 patches (64 tokens), 64-d, 4 blocks, 4 heads, MLP ratio 2, the
+  position embedding starting from a 2-D sin-cos table (still learned), as ``dependencyvit_nano``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import build_sincos2d_pos_embed
+from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as _timm_filter
+from torch import nn
+
+from ..registry import register_model
+
+PAPER = ("Zhu et al., Dual Cross-Attention Learning for Fine-Grained Visual Categorization and Object "
+         "Re-Identification, CVPR 2022")
+INFERENCE = ("sum", "sa", "glca")
+
+__all__ = ["DCAL", "DCALBlock", "GLCABlock", "rollout_cls_row", "checkpoint_filter_fn"]
+
+
+# ---------------------------------------------------------------------------------------- attention pieces
+def _split_qkv(attn: nn.Module, x: torch.Tensor, which: str = "qkv") -> list[torch.Tensor]:
+    """timm ``Attention``'s projections of ``x [B, n, D]`` as ``[B, H, n, d]`` tensors, only the ``which``
+    ones (the fused ``qkv`` weight is sliced, so no unused projection is computed)."""
+    B, n, _ = x.shape
+    H, d = attn.num_heads, attn.head_dim
+    rows = {"q": 0, "k": 1, "v": 2}
+    out = []
+    for name in which:
+        i = rows[name]
+        w = attn.qkv.weight[i * H * d:(i + 1) * H * d]
+        b = None if attn.qkv.bias is None else attn.qkv.bias[i * H * d:(i + 1) * H * d]
+        t = F.linear(x, w, b).view(B, n, H, d).transpose(1, 2)
+        t = attn.q_norm(t) if name == "q" else attn.k_norm(t) if name == "k" else t
+        out.append(t)
+    return out
+
+
+def _attn_out(attn: nn.Module, o: torch.Tensor) -> torch.Tensor:
+    """``[B, H, n, d]`` attention output -> timm ``Attention``'s output projection ``[B, n, D]``."""
+    B, H, n, d = o.shape
+    return attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, n, H * d))))
+
+
+class DCALBlock(Block):
+    """timm ``Block`` (unchanged parameters; ``forward`` is timm's) with the two DCAL passes:
+    ``forward_sa`` (self-attention that also returns the head-mean probabilities and its keys / values)
+    and ``forward_pwca`` (queries of this stream over its own and a partner's keys / values)."""
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def forward_sa(self, x: torch.Tensor, need_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
+        """``x [B, n, D]`` -> ``(x_out, S [B, n, n] fp32 head-mean probabilities (no grad) or None, (k, v))``."""
+        a = self.attn
+        q, k, v = _split_qkv(a, self.norm1(x), "qkv")
+        if need_probs:  # explicit attention: the rollout needs the probabilities
+            p = ((q * a.scale) @ k.transpose(-2, -1)).softmax(-1)
+            probs = p.detach().float().mean(1)
+            o = a.attn_drop(p) @ v
+        else:
+            probs = None
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=a.attn_drop.p if self.training else 0.0)
+        x = x + self.drop_path1(self.ls1(_attn_out(a, o)))
+        return self._mlp(x), probs, (k, v)
+
+    def forward_pwca(self, x: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
+        """PWCA with this block's (= SA's) weights: queries of ``x``, keys / values ``[x; partner]``."""
+        a = self.attn
+        q, k, v = _split_qkv(a, self.norm1(x), "qkv")
+        o = F.scaled_dot_product_attention(q, torch.cat([k, k2], 2), torch.cat([v, v2], 2),
+                                           dropout_p=a.attn_drop.p if self.training else 0.0)
+        x = x + self.drop_path1(self.ls1(_attn_out(a, o)))
+        return self._mlp(x)
+
+
+class GLCABlock(Block):
+    """The GLCA block: a timm ``Block`` (own weights, same names) whose queries are the class token and the
+    selected tokens only, while keys and values come from every token."""
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, return_attn: bool = False):  # type: ignore[override]
+        """``x [B, 1+N, D]``, ``idx [B, R]`` patch positions (0..N-1) -> ``[B, 1+R, D]`` (+ probabilities
+        ``[B, H, 1+R, 1+N]`` with ``return_attn``)."""
+        a = self.attn
+        B, _, D = x.shape
+        pos = torch.cat([idx.new_zeros(B, 1), idx + 1], 1)  # class token first
+        h = self.norm1(x)
+        hq = h.gather(1, pos[..., None].expand(-1, -1, D))
+        (q,) = _split_qkv(a, hq, "q")
+        k, v = _split_qkv(a, h, "kv")
+        if return_attn:
+            p = ((q * a.scale) @ k.transpose(-2, -1)).softmax(-1)
+            o = a.attn_drop(p) @ v
+        else:
+            p = None
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=a.attn_drop.p if self.training else 0.0)
+        y = x.gather(1, pos[..., None].expand(-1, -1, D)) + self.drop_path1(self.ls1(_attn_out(a, o)))
+        y = y + self.drop_path2(self.ls2(self.mlp(self.norm2(y))))
+        return (y, p) if return_attn else y
+
+
+def _bar(s: torch.Tensor) -> torch.Tensor:
+    """``0.5 S + 0.5 I``, rows re-normalised (they already sum to one up to rounding)."""
+    s = 0.5 * s + 0.5 * torch.eye(s.shape[-1], device=s.device, dtype=s.dtype)
+    return s / s.sum(-1, keepdim=True)
+
+
+def rollout_cls_row(probs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Class row of ``S_bar_L ... S_bar_1`` for head-mean probabilities ``probs`` (layer order, ``[B, n, n]``):
+    ``[B, n]``, a distribution over the tokens. A row vector times each matrix: N^2 work per layer."""
+    r = None
+    for s in reversed(probs):
+        s = _bar(s)
+        r = s[:, :1] if r is None else r @ s
+    return r[:, 0]
+
+
+# ---------------------------------------------------------------------------------------- model
+class DCAL(VisionTransformer):
+    """DeiT / ViT + GLCA + PWCA (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 192,
+        depth: int = 12,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        glca: bool = True,
+        pwca: bool = True,
+        glca_ratio: float = 0.1,
+        glca_input: int | None = None,
+        loss_weighting: str = "uncertainty",
+        loss_weight_init: float | Sequence[float] = 0.0,
+        label_smoothing: float = 0.0,
+        inference: str = "sum",
+        pos_embed_init: str = "trunc_normal",
+        dynamic_img_size: bool = True,
+    ):
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+                         embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                         qkv_bias=qkv_bias, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                         drop_path_rate=drop_path_rate, dynamic_img_size=dynamic_img_size, block_fn=DCALBlock)
+        if not 0 < glca_ratio <= 1:
+            raise ValueError(f"glca_ratio must be in (0, 1], got {glca_ratio}")
+        glca_input = depth if glca_input is None else int(glca_input)
+        if not 1 <= glca_input <= depth:
+            raise ValueError(f"glca_input must be in 1..{depth} (SA blocks before GLCA), got {glca_input}")
+        if loss_weighting not in ("uncertainty", "sum"):
+            raise ValueError(f"loss_weighting must be 'uncertainty' or 'sum', got {loss_weighting!r}")
+        if inference not in INFERENCE:
+            raise ValueError(f"inference must be one of {INFERENCE}, got {inference!r}")
+        if inference != "sa" and not glca:
+            inference = "sa"  # nothing else to fuse
+        self.use_glca, self.use_pwca = bool(glca), bool(pwca)
+        self.glca_ratio, self.glca_input = float(glca_ratio), glca_input
+        self.loss_weighting, self.label_smoothing, self.inference = loss_weighting, label_smoothing, inference
+        if self.use_glca:
+            dpr = drop_path_rate  # the GLCA block sits at the top of the stack: the last block's rate
+            self.glca_block = GLCABlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                                        proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr)
+            self.glca_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+            self.glca_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+            self.glca_block.apply(self._init_extra)
+            if isinstance(self.glca_head, nn.Linear):
+                self._init_extra(self.glca_head)
+        self.branches = ["sa"] + (["glca"] if self.use_glca else []) + (["pwca"] if self.use_pwca else [])
+        if len(self.branches) > 1 and loss_weighting == "uncertainty":
+            init = loss_weight_init if isinstance(loss_weight_init, (list, tuple)) else [loss_weight_init] * 3
+            full = dict(zip(("sa", "glca", "pwca"), [float(v) for v in init]))
+            self.loss_log_vars = nn.Parameter(torch.tensor([full[b] for b in self.branches]))
+        if pos_embed_init == "sincos":  # fixed 2-D sin-cos start, still learned: helps tiny data sets
+            with torch.no_grad():
+                grid = list(self.patch_embed.grid_size)
+                self.pos_embed[:, 1:].copy_(build_sincos2d_pos_embed(grid, embed_dim).reshape(1, -1, embed_dim))
+                self.pos_embed[:, :1].zero_()
+        elif pos_embed_init != "trunc_normal":
+            raise ValueError(f"pos_embed_init must be 'trunc_normal' or 'sincos', got {pos_embed_init!r}")
+
+    @staticmethod
+    def _init_extra(m: nn.Module) -> None:  # timm's ViT default init for the extra modules
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ helpers
+    def num_selected(self, num_patches: int) -> int:
+        """R: how many patch tokens GLCA takes as queries (besides the class token)."""
+        return max(1, min(num_patches, round(self.glca_ratio * num_patches)))
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+
+    @staticmethod
+    def partners(batch_size: int, device: torch.device | None = None) -> torch.Tensor:
+        """A random cyclic permutation: ``partner[i] != i`` for a batch of two or more."""
+        perm = torch.randperm(batch_size, device=device)
+        out = torch.empty_like(perm)
+        out[perm] = perm.roll(-1)
+        return out
+
+    def _run(self, x: torch.Tensor, pwca: bool = False, glca_attn: bool = False) -> dict[str, Any]:
+        """One pass: SA tokens (normed), rollout class row, GLCA tokens, PWCA tokens (when asked)."""
+        x = self._embed(x)
+        need = self.use_glca
+        xp = x if pwca else None
+        partner = self.partners(x.shape[0], x.device) if pwca else None
+        probs: list[torch.Tensor] = []
+        out: dict[str, Any] = {}
+        for i, blk in enumerate(self.blocks):
+            record = need and i < self.glca_input
+            if not record and not pwca:
+                x = blk(x)  # timm's fused path
+            else:
+                x_new, p, (k, v) = blk.forward_sa(x, need_probs=record)
+                if pwca:
+                    xp = blk.forward_pwca(xp, k[partner], v[partner])
+                x = x_new
+                if p is not None:
+                    probs.append(p)
+            if need and i + 1 == self.glca_input:
+                out["glca_in"] = x
+        out["sa"] = self.norm(x)
+        if pwca:
+            out["pwca"] = self.norm(xp)
+        if need:
+            with torch.no_grad():
+                r = rollout_cls_row(probs)  # [B, 1+N]
+            n = r.shape[1] - 1
+            idx = r[:, 1:].topk(self.num_selected(n), dim=1).indices.sort(1).values
+            g = self.glca_block(out["glca_in"], idx, return_attn=glca_attn)
+            if glca_attn:
+                g, out["glca_probs"] = g
+            out.update(rollout=r, glca_idx=idx, glca=self.glca_norm(g))
+        return out
+
+    def _glca_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.glca_head(self.head_drop(tokens[:, 0]))
+
+    def _fuse(self, sa: torch.Tensor, glca: torch.Tensor | None) -> torch.Tensor:
+        if self.inference == "sa" or glca is None:
+            return sa
+        if self.inference == "glca":
+            return glca
+        # log of the mean of the two class-probability vectors: argmax = argmax of their sum
+        return torch.logsumexp(torch.stack([sa.float().log_softmax(-1), glca.float().log_softmax(-1)]), 0) - math.log(2)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Scores ``[B, C]``: ``log((p_SA + p_GLCA) / 2)`` (``inference="sum"``), else one branch's logits."""
+        if not self.use_glca or self.inference == "sa":
+            return self.forward_head(self.forward_features(x))
+        o = self._run(x)
+        glca = self._glca_logits(o["glca"])
+        if self.inference == "glca":
+            return glca
+        return self._fuse(self.forward_head(o["sa"]), glca)
+
+    def branch_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-branch logits ``{"sa", "glca"}`` (inference branches)."""
+        o = self._run(x)
+        out = {"sa": self.forward_head(o["sa"])}
+        if self.use_glca:
+            out["glca"] = self._glca_logits(o["glca"])
+        return out
+
+    def forward_train(self, x: torch.Tensor, y: torch.Tensor, **_: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(fused scores, {"sa", "glca", "pwca"} uncertainty-weighted loss terms)``; PWCA needs B >= 2 to
+        have a real partner (with B = 1 the image is its own partner)."""
+        o = self._run(x, pwca=self.use_pwca)
+        logits = {"sa": self.forward_head(o["sa"])}
+        if self.use_glca:
+            logits["glca"] = self._glca_logits(o["glca"])
+        if self.use_pwca:
+            logits["pwca"] = self.forward_head(o["pwca"])
+        ce = {b: F.cross_entropy(logits[b], y, label_smoothing=self.label_smoothing) for b in self.branches}
+        if hasattr(self, "loss_log_vars"):
+            w = self.loss_log_vars
+            losses = {b: 0.5 * (torch.exp(-w[i]) * ce[b] + w[i]) for i, b in enumerate(self.branches)}
+        else:
+            losses = ce if len(ce) > 1 else {"ce": ce["sa"]}
+        return self._fuse(logits["sa"], logits.get("glca")), losses
+
+    # ------------------------------------------------------------------ inspection
+    @torch.no_grad()
+    def rollout(self, x: torch.Tensor, layers: int | None = None) -> torch.Tensor:
+        """The full attention rollout ``S_hat = S_bar_l ... S_bar_1`` over the first ``layers`` SA blocks
+        (default ``glca_input``): ``[B, 1+N, 1+N]``, every row a distribution (N^3 per layer: inspection only)."""
+        layers = self.glca_input if layers is None else layers
+        x = self._embed(x)
+        acc = None
+        for blk in self.blocks[:layers]:
+            x, p, _ = blk.forward_sa(x, need_probs=True)
+            acc = _bar(p) if acc is None else _bar(p) @ acc
+        return acc
+
+    @torch.no_grad()
+    def selected_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch positions (0..N-1, ascending) of the GLCA queries besides the class token: ``[B, R]``."""
+        if not self.use_glca:
+            raise ValueError("this model has no GLCA branch (glca=False)")
+        return self._run(x)["glca_idx"]
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``rollout``: the class row of the attention rollout over the patches ``[B, 1, h, w]``;
+        ``glca_queries``: the R patches GLCA selected, binary, at pixel resolution (crisp) ``[B, 1, H, W]``;
+        ``glca_cls_attention``: the GLCA class query's attention per head ``[B, H, h, w]``.
+        Without GLCA: the rollout of all SA blocks only."""
+        gh, gw = self.patch_embed.dynamic_feat_size(x.shape[-2:])
+        B = x.shape[0]
+        if not self.use_glca:
+            r = self.rollout(x, layers=len(self.blocks))[:, 0, 1:]
+            return {"rollout": r.reshape(B, 1, gh, gw)}
+        o = self._run(x, glca_attn=True)
+        sel = torch.zeros(B, gh * gw, device=x.device).scatter_(1, o["glca_idx"], 1.0).view(B, 1, gh, gw)
+        return {"rollout": o["rollout"][:, 1:].reshape(B, 1, gh, gw),
+                "glca_queries": F.interpolate(sel, size=x.shape[-2:], mode="nearest"),
+                "glca_cls_attention": o["glca_probs"][:, :, 0, 1:].reshape(B, -1, gh, gw)}
+
+    def bench_extras(self, img_size: int | None = None) -> dict[str, Any]:
+        """Analytic multiply-adds per image at inference: the SA backbone, the GLCA block, the rollout."""
+        size = img_size or self.patch_embed.img_size[0]
+        n = (size // self.patch_embed.patch_size[0]) ** 2
+        D, L = self.embed_dim, len(self.blocks)
+        hid = self.blocks[0].mlp.fc1.out_features
+        t = n + 1
+        sa = L * (t * (4 * D * D + 2 * D * hid) + 2 * t * t * D) + n * self.patch_embed.proj.weight[0].numel() * D
+        out = {"sa_gmacs_analytic": round(sa / 1e9, 4)}
+        if self.use_glca:
+            r = self.num_selected(n) + 1
+            glca = t * 2 * D * D + r * (2 * D * D + 2 * D * hid) + 2 * r * t * D
+            roll = self.glca_input * t * t  # class row x S_bar per layer
+            out.update(glca_queries=r, glca_gmacs_analytic=round(glca / 1e9, 4),
+                       rollout_gmacs_analytic=round(roll / 1e9, 4),
+                       glca_macs_overhead=round((glca + roll) / sa, 4))
+        return out
+
+    # ------------------------------------------------------------------ timm surface
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        if getattr(self, "use_glca", False):
+            self.glca_head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "loss_log_vars"}
+
+
+# ---------------------------------------------------------------------------------------- weights
+def checkpoint_filter_fn(state_dict: dict, model: DCAL) -> dict:
+    """timm / official DeiT or ViT weights (or a DCAL file) -> this model: timm's ViT filter (``pos_embed``
+    resampled to the model's grid), DeiT's distillation token / head dropped, and, when the file has no GLCA
+    weights, the GLCA block / norm / head started from the last SA block / ``norm`` / ``head``; the loss
+    weights keep the model's own start."""
+    sd = state_dict.get("model", state_dict)
+    sd = {k: v for k, v in sd.items() if not k.startswith(("dist_token", "head_dist"))}
+    if "pos_embed" in sd and sd["pos_embed"].shape[1] == model.pos_embed.shape[1] + 1:
+        sd["pos_embed"] = torch.cat([sd["pos_embed"][:, :1], sd["pos_embed"][:, 2:]], 1)  # distilled DeiT
+    out = _timm_filter(sd, model)
+    own = model.state_dict()
+    if getattr(model, "use_glca", False) and not any(k.startswith("glca_") for k in out):
+        last = f"blocks.{len(model.blocks) - 1}."
+        for k in list(out):
+            if k.startswith(last):
+                out["glca_block." + k[len(last):]] = out[k]
+            elif k.startswith("norm."):
+                out["glca_norm." + k[5:]] = out[k]
+            elif k.startswith("head.") and f"glca_{k}" in own and own[f"glca_{k}"].shape == out[k].shape:
+                out[f"glca_{k}"] = out[k]
+    for k in ("glca_head.weight", "glca_head.bias", "loss_log_vars"):
+        if k in own and k not in out:
+            out[k] = own[k]
+    if not getattr(model, "use_glca", False):
+        out = {k: v for k, v in out.items() if not k.startswith("glca_")}
+    if "loss_log_vars" in out and "loss_log_vars" not in own:
+        out.pop("loss_log_vars")
+    return out
+
+
+def _create(pretrained: bool, timm_name: str | None, **kwargs: Any) -> DCAL:
+    model = DCAL(**kwargs)
+    if pretrained:
+        if timm_name is None:
+            raise ValueError("this variant has no published weights; train it or use pretrained_file=")
+        import timm
+
+        from ..weights import load_into
+
+        src = timm.create_model(timm_name, pretrained=True)
+        load_into(model, checkpoint_filter_fn(src.state_dict(), model), source=f"timm:{timm_name}")
+    return model
+
+
+_SPEC = dict(task="classification", paper=PAPER, size_divisor=16, min_size=16, checkpoint_filter=checkpoint_filter_fn)
+_NOTE = ("paper Table 1 top-1 at 448 px (baseline -> DCAL); GLCA: +9% params, +2% FLOPs on DeiT-T; "
+         "params_m / gflops: this implementation at 224 px, 1000 classes")
+
+
+@register_model(input_size=(3, 224, 224), source="zoo (timm ViT); backbone timm:deit_tiny_patch16_224 (IN-1k)",
+                meta=dict(params_m=6.362, gflops=1.28, cub_top1=84.6, cars_top1=89.4, aircraft_top1=87.4,
+                          baseline_cub_top1=82.1, note=_NOTE), **_SPEC)
+def dcal_deit_tiny(pretrained: bool = False, **kwargs: Any) -> DCAL:
+    return _create(pretrained, "deit_tiny_patch16_224", **{**dict(embed_dim=192, depth=12, num_heads=3), **kwargs})
+
+
+@register_model(input_size=(3, 224, 224), source="zoo (timm ViT); backbone timm:deit_small_patch16_224 (IN-1k)",
+                meta=dict(cub_top1=87.6, cars_top1=92.3, aircraft_top1=90.0, baseline_cub_top1=85.8, note=_NOTE),
+                **_SPEC)
+def dcal_deit_small(pretrained: bool = False, **kwargs: Any) -> DCAL:
+    return _create(pretrained, "deit_small_patch16_224", **{**dict(embed_dim=384, depth=12, num_heads=6), **kwargs})
+
+
+@register_model(input_size=(3, 224, 224), source="zoo (timm ViT); backbone timm:deit_base_patch16_224 (IN-1k)",
+                meta=dict(cub_top1=88.8, cars_top1=93.8, aircraft_top1=92.6, baseline_cub_top1=88.0, note=_NOTE),
+                **_SPEC)
+def dcal_deit_base(pretrained: bool = False, **kwargs: Any) -> DCAL:
+    return _create(pretrained, "deit_base_patch16_224", **{**dict(embed_dim=768, depth=12, num_heads=12), **kwargs})
+
+
+@register_model(input_size=(3, 224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                source="zoo (timm ViT); backbone timm:vit_base_patch16_224.augreg_in21k (IN-21k)",
+                meta=dict(cub_top1=91.4, cars_top1=93.4, aircraft_top1=91.5, baseline_cub_top1=90.8, note=_NOTE),
+                **_SPEC)
+def dcal_vit_base(pretrained: bool = False, **kwargs: Any) -> DCAL:
+    return _create(pretrained, "vit_base_patch16_224.augreg_in21k",
+                   **{**dict(embed_dim=768, depth=12, num_heads=12), **kwargs})
+
+
+@register_model(input_size=(3, 32, 32), size_divisor=4, min_size=4, task="classification", paper=PAPER,
+                checkpoint_filter=checkpoint_filter_fn,
+                source="zoo (timm ViT, 32 px, patch 4, 4 x 64-d, 4 heads, MLP ratio 2, sin-cos pos-embed start)")
+def dcal_deit_nano(pretrained: bool = False, **kwargs: Any) -> DCAL:
+    """CPU variant for the embedded digits: 64 patch tokens, R = 6 GLCA queries."""
+    return _create(pretrained, None, **{**dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4,
+                                               mlp_ratio=2.0, pos_embed_init="sincos"), **kwargs})
