@@ -10,7 +10,7 @@ from torch import nn
 
 from .errors import WeightsError
 
-_WRAPPERS = ("state_dict", "model", "model_ema", "state_dict_ema", "module", "net")
+_WRAPPERS = ("state_dict", "model", "model_state_dict", "model_ema", "state_dict_ema", "module", "net")
 
 
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -1,0 +1,358 @@
+"""Prompt-CAM: class-specific prompts on a frozen ViT; the class prompts' attention over the patches are trait maps.
+
+Paper: Chowdhury et al., "Prompt-CAM: Making Vision Transformers Interpretable for Fine-Grained Analysis",
+CVPR 2025 (arXiv 2501.09333). Origin: the official code Imageomics/Prompt_CAM (commit 7722fc2, MIT):
+``model/vpt.py`` (prompts), ``model/vision_transformer.py`` (``VisionTransformerPETL.forward_features`` /
+``forward_head`` with ``train_type='prompt_cam'``), ``model/attention.py`` (head blurring),
+``experiment/build_model.py`` (``TUNE_MODULES=['vpt', 'head']``), ``experiment/visualize_run.py``
+(``prune_attn_heads``) and ``utils/visual_utils.py`` (overlays). Built on any timm ``VisionTransformer``
+(``self.backbone``, its own classifier removed), so timm / DINO / DINOv2 weights load unchanged.
+
+The model, as in the code:
+- The backbone is frozen (``requires_grad=False``); only ``prompts`` ``[L, C, D]`` and the shared
+  ``head = Linear(D, 1)`` train. ``C = num_classes``: prompt row ``c`` is class ``c`` (label order = row order).
+- Prompt init: uniform in ``+-sqrt(6 / (3 p^2 + D))`` (p the patch size); ``vpt_dropout`` on every use.
+- Deep (default, the code's ``train_type=prompt_cam``): before block ``l`` the ``C`` prompts ``P_l`` are
+  prepended, ``[P_l; cls; patches]``; after the block their outputs are dropped, except after the last
+  block, whose ``C`` prompt outputs go through the backbone's final norm and the shared head:
+  ``logits[:, c] = w^T norm(z_c) + b``. Only the last layer's prompts are class-specific.
+- No attention mask: patches and the class token attend to the prompts too (the code's choice).
+- ``attention_maps(x)``: per-head attention of the class prompt (the prediction, or ``target=``) over the
+  patches in the last block, ``attn[:, :, c, C + prefix:]`` -> ``[B, H, h, w]``.
+- Head blurring (trait ranking) as in the code: the PRE-softmax logits of the target prompt's row are set
+  to 0 for the blurred heads, i.e. uniform attention over all N tokens (the paper's text says 1/M over the
+  patches; the code is followed). ``rank_heads`` is ``prune_attn_heads``: each round blur the remaining
+  head whose blurring leaves the target probability highest, until ``top_traits`` remain; the survivors
+  are returned in ascending order of their last-round score (most important first). O(H^2) passes of the
+  last block only: the tokens entering it do not depend on the blurring, so they are computed once.
+
+Documented choices and deviations:
+- VPT-Shallow (``vpt_mode='shallow'``): one set of ``C`` prompts prepended before block 0 and carried
+  through all blocks (the paper's definition; the code's 'shallow' path drops the prompts after block 0 and
+  then fails for ``train_type=prompt_cam``, so there is nothing to match).
+- Dropout / drop path of the frozen backbone follow the module's train/eval mode as in the code (the DINO
+  recipes train with ``drop_path_rate=0.1`` in the frozen backbone); only its parameters are frozen.
+- Checkpoint selection: the official trainer keeps the best checkpoint on the TEST split (``EarlyStop`` on
+  test top-1 every 10 epochs); the zoo selects on validation and also reports the last epoch.
+- Normalisation: Inception mean / std (0.5) for every variant, as the code does for DINO and DINOv2 too.
+- Sequence length grows with the classes: ``1 + C + M`` tokens in every block (Birds-525 on ViT-B/16:
+  722); ``bench_extras`` reports it with the analytic attention memory and multiply-adds.
+- Weights: ``pretrained=True`` (timm hub), ``pretrained_file=`` (timm / DINO / DINOv2 backbone file, an
+  official Prompt-CAM checkpoint: ``vpt.prompt_embeddings`` -> ``prompts``, or a zoo file; see
+  :func:`checkpoint_filter_fn`), ``backbone_ckpt=`` (a ViT checkpoint trained by the zoo, e.g. ``vit_nano``).
+- Side by side with the official ``VisionTransformerPETL`` (same weights through the filter, eval mode,
+  ViT-B/16 DINO shape, 200 classes, 224 px, batch 2): max |logit difference| 4e-6 (fused SDPA here vs the
+  code's explicit softmax).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as timm_filter
+from torch import nn
+
+from ..registry import register_model
+from .vit import INCEPTION_MEAN, INCEPTION_STD, NANO_ARCH, vit_nano_backbone
+
+PAPER = "Chowdhury et al., Prompt-CAM: Making Vision Transformers Interpretable for Fine-Grained Analysis, CVPR 2025"
+MODES = ("deep", "shallow")
+
+
+class PromptCAM(nn.Module):
+    """Frozen timm ViT + class-specific prompts + shared ``Linear(D, 1)`` head (see module docstring)."""
+
+    def __init__(self, *, backbone: VisionTransformer, num_classes: int = 200, vpt_mode: str = "deep",
+                 vpt_dropout: float = 0.0, backbone_ckpt: str | None = None, top_traits: int = 4):
+        super().__init__()
+        if vpt_mode not in MODES:
+            raise ValueError(f"vpt_mode must be one of {MODES}, got {vpt_mode!r}")
+        if not isinstance(backbone, VisionTransformer):
+            raise TypeError(f"backbone must be a timm VisionTransformer, got {type(backbone).__name__}")
+        if backbone.attn_pool is not None or backbone.global_pool == "map":
+            raise ValueError("attention-pool ViTs are not supported (Prompt-CAM reads prompt outputs, not a pool)")
+        backbone.reset_classifier(0)  # the backbone's own head is unused: prompt outputs are scored by self.head
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.vpt_mode = vpt_mode
+        self.embed_dim = D = backbone.embed_dim
+        self.num_heads = backbone.blocks[-1].attn.num_heads
+        self.patch_size = backbone.patch_embed.patch_size[0]
+        self.top_traits = top_traits
+        layers = len(backbone.blocks) if vpt_mode == "deep" else 1
+        p = backbone.patch_embed.patch_size
+        val = math.sqrt(6.0 / float(3 * p[0] * p[1] + D))  # the code's "xavier" bound
+        self.prompts = nn.Parameter(torch.empty(layers, num_classes, D).uniform_(-val, val))
+        self.prompt_dropout = nn.Dropout(vpt_dropout)
+        self.head = nn.Linear(D, 1)  # shared over classes; default nn.Linear init as the code's reset_classifier
+        self.backbone_ckpt = backbone_ckpt
+        if backbone_ckpt:
+            load_backbone(self, backbone_ckpt)
+        self.freeze_backbone()
+
+    # ------------------------------------------------------------------ training surface
+    def freeze_backbone(self) -> None:
+        """Only prompts and head train (the code's ``TUNE_MODULES=['vpt', 'head']``)."""
+        self.backbone.requires_grad_(False)
+        self.prompts.requires_grad_(True)
+        self.head.requires_grad_(True)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def no_weight_decay(self) -> set[str]:
+        return set()  # the code decays prompts and head alike (SGD weight_decay on all tuned parameters)
+
+    # ------------------------------------------------------------------ forward
+    def _prompt(self, layer: int, batch: int) -> torch.Tensor:
+        return self.prompt_dropout(self.prompts[layer]).expand(batch, -1, -1)
+
+    def tokens_before_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens entering the last block, prompts first: ``[B, C + prefix + M, D]``."""
+        vit = self.backbone
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        B = x.shape[0]
+        last = len(vit.blocks) - 1
+        for i, blk in enumerate(vit.blocks):
+            if self.vpt_mode == "deep" or i == 0:
+                x = torch.cat([self._prompt(i if self.vpt_mode == "deep" else 0, B), x], dim=1)
+            if i == last:
+                return x
+            x = blk(x)
+            if self.vpt_mode == "deep":
+                x = x[:, self.num_classes:]  # this layer's prompt outputs are discarded
+        raise AssertionError("unreachable")
+
+    def last_block(self, x: torch.Tensor, blur: torch.Tensor | None = None, target: torch.Tensor | None = None,
+                   need_attn: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last block with optional head blurring; returns (tokens, attention probabilities or None).
+
+        ``blur: bool [B, H]`` heads whose target-prompt row is blurred; ``target: long [B]`` prompt rows.
+        """
+        blk = self.backbone.blocks[-1]
+        if blur is None and not need_attn:
+            return blk(x), None
+        a = blk.attn
+        h = blk.norm1(x)
+        B, N, _ = h.shape
+        gate = a.gate(h).sigmoid() if getattr(a, "gate", None) is not None else None
+        q, k, v = a.qkv(h).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = a.q_norm(q), a.k_norm(k)
+        logits = (q * a.scale) @ k.transpose(-2, -1)
+        if blur is not None:  # the code: attn[:, heads, target, :] = 0 before the softmax
+            rows = F.one_hot(target, N).bool()  # [B, N]
+            mask = blur[:, :, None, None] & rows[:, None, :, None]
+            logits = logits.masked_fill(mask, 0.0)
+        attn = logits.softmax(-1)
+        o = (a.attn_drop(attn) @ v).transpose(1, 2).reshape(B, N, -1)
+        o = a.norm(o)
+        if gate is not None:
+            o = o * gate
+        o = a.proj_drop(a.proj(o))
+        x = x + blk.drop_path1(blk.ls1(o))
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        return x, attn
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens after the last block and the final norm, prompts first: ``[B, C + prefix + M, D]``."""
+        return self.backbone.norm(self.last_block(self.tokens_before_last(x))[0])
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        z = x[:, :self.num_classes]  # the class prompts' outputs (the class token is ignored)
+        return z if pre_logits else self.head(z).squeeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # ------------------------------------------------------------------ trait maps
+    def _grid(self) -> tuple[int, int]:
+        return tuple(self.backbone.patch_embed.grid_size)
+
+    def prompt_attention(self, x: torch.Tensor, target: torch.Tensor | None = None,
+                         blur: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits [B, C], attention of the target prompt over the patches [B, H, h, w], target [B])``;
+        ``target`` defaults to the prediction (of the unblurred model)."""
+        tok = self.tokens_before_last(x)
+        if target is None:
+            target = self.forward_head(self.backbone.norm(self.last_block(tok)[0])).argmax(-1)
+        out, attn = self.last_block(tok, blur, target, need_attn=True)
+        logits = self.forward_head(self.backbone.norm(out))
+        start = self.num_classes + self.backbone.num_prefix_tokens
+        rows = attn[torch.arange(len(target), device=attn.device), :, target, start:]  # [B, H, M]
+        return logits, rows.reshape(len(target), self.num_heads, *self._grid()), target
+
+    @torch.no_grad()
+    def rank_heads(self, x: torch.Tensor, target: torch.Tensor | None = None,
+                   top_traits: int | None = None) -> torch.Tensor:
+        """Greedy head blurring (the code's ``prune_attn_heads``): ``long [B, top_traits]``, most important
+        first. ``target`` defaults to the prediction."""
+        k = self.top_traits if top_traits is None else int(top_traits)
+        H = self.num_heads
+        if not 1 <= k <= H:
+            raise ValueError(f"top_traits must be in 1..{H} (the heads of the last block), got {k}")
+        tok = self.tokens_before_last(x)
+        B = tok.shape[0]
+        if target is None:
+            target = self.forward_head(self.backbone.norm(self.last_block(tok)[0])).argmax(-1)
+        blurred = torch.zeros(B, H, dtype=torch.bool, device=tok.device)
+        ar = torch.arange(B, device=tok.device)
+        scores = torch.zeros(B, H, device=tok.device)
+        while H - int(blurred[0].sum()) > k:
+            scores.fill_(-float("inf"))
+            for h in range(H):  # try blurring head h on top of those already blurred (skip blurred ones)
+                if bool(blurred[:, h].all()):
+                    continue
+                trial = blurred.clone()
+                trial[:, h] = True
+                logits = self.forward_head(self.backbone.norm(self.last_block(tok, trial, target)[0]))
+                p = logits.softmax(-1)[ar, target]
+                scores[:, h] = torch.where(blurred[:, h], torch.full_like(p, -float("inf")), p)
+            blurred[ar, scores.argmax(-1)] = True  # the least important head (highest score when blurred)
+        last = scores.masked_fill(blurred, float("inf"))  # survivors' last-round scores
+        if k == H:  # nothing was blurred: rank all heads by a single round of scores
+            for h in range(H):
+                trial = torch.zeros_like(blurred)
+                trial[:, h] = True
+                p = self.forward_head(self.backbone.norm(self.last_block(tok, trial, target)[0])).softmax(-1)
+                last[:, h] = p[ar, target]
+        return last.argsort(-1)[:, :k]  # ascending score: blurring it hurts most -> most important
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor, target: torch.Tensor | None = None,
+                       top_traits: int | None = None) -> dict[str, torch.Tensor]:
+        """Trait maps of the predicted (or ``target``) class prompt in the last block, ``[B, H, h, w]``
+        (``prompt_attn``); with ``top_traits`` only the greedy-ranked heads, most important first
+        (``traits``; the maps of the model with the other heads blurred, as the code draws them)."""
+        if not top_traits:
+            _, maps, _ = self.prompt_attention(x, target)
+            return {"prompt_attn": maps}
+        tok_target = target if target is not None else self(x).argmax(-1)
+        order = self.rank_heads(x, tok_target, top_traits)
+        blur = torch.ones(x.shape[0], self.num_heads, dtype=torch.bool, device=x.device)
+        blur.scatter_(1, order, False)
+        _, maps, _ = self.prompt_attention(x, tok_target, blur)
+        return {"traits": maps.gather(1, order[..., None, None].expand(-1, -1, *maps.shape[-2:]))}
+
+    # paper's drawing: cubic resize, min-max per head, 9x9 Gaussian blur, JET at alpha 0.5
+    overlay_style = dict(interpolation="bicubic", blur=9)
+
+    # ------------------------------------------------------------------ bench
+    def bench_extras(self, img_size: int | None = None) -> dict[str, Any]:
+        """Sequence length per block and the analytic cost of the prompts: attention-matrix memory of one
+        image in one block (fp32) and multiply-adds of all blocks, vs the plain ViT without prompts."""
+        gh, gw = self._grid() if img_size is None else (img_size // self.patch_size,) * 2
+        plain = self.backbone.num_prefix_tokens + gh * gw
+        n = plain + self.num_classes
+        D, L, H = self.embed_dim, len(self.backbone.blocks), self.num_heads
+        hidden = self.backbone.blocks[0].mlp.fc1.out_features
+
+        def macs(t: int) -> float:
+            return L * (t * (4 * D * D + 2 * D * hidden) + 2 * t * t * D)
+
+        shallow_extra = 0 if self.vpt_mode == "deep" else 0
+        return {"num_prompts": self.num_classes, "seq_len": n + shallow_extra, "seq_len_plain": plain,
+                "attn_matrix_mb": round(H * n * n * 4 / 2**20, 3),
+                "attn_matrix_mb_plain": round(H * plain * plain * 4 / 2**20, 3),
+                "gmacs_analytic": round(macs(n) / 1e9, 3), "gmacs_analytic_plain": round(macs(plain) / 1e9, 3),
+                "trainable_params": sum(p.numel() for p in self.parameters() if p.requires_grad)}
+
+
+# ---------------------------------------------------------------------------------------- weights
+def _backbone_sd(sd: dict, vit: VisionTransformer) -> dict:
+    """timm / DINO / DINOv2 / zoo ViT weights -> ``vit`` (its classifier dropped, pos_embed resampled)."""
+    sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "head_dist.", "fc_norm.")) or
+          (k.startswith("fc_norm.") and not isinstance(vit.fc_norm, nn.Identity))}
+    return timm_filter(sd, vit)
+
+
+def checkpoint_filter_fn(state_dict: dict, model: PromptCAM) -> dict:
+    """Weights files -> this model.
+
+    - official Prompt-CAM checkpoints (``model_state_dict`` of ``VisionTransformerPETL``): ``vpt.prompt_embeddings``
+      -> ``prompts``, ``head.*`` -> ``head.*`` (the shared ``Linear(D, 1)``), every other key -> ``backbone.*``;
+    - a zoo PromptCAM state dict (``backbone.*`` keys) passes through;
+    - a plain timm / DINO / DINOv2 backbone file: the backbone keys; prompts and head keep their fresh init.
+    """
+    sd = state_dict.get("model_state_dict", state_dict)
+    if any(k.startswith("backbone.") for k in sd):
+        return dict(sd)
+    own = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    rest = {}
+    for k, v in sd.items():
+        if k == "vpt.prompt_embeddings":
+            out["prompts"] = v
+        elif k in ("head.weight", "head.bias") and v.shape == own[k].shape:
+            out[k] = v
+        else:
+            rest[k] = v
+    out.update({f"backbone.{k}": v for k, v in _backbone_sd(rest, model.backbone).items()})
+    for k in ("prompts", "head.weight", "head.bias"):
+        out.setdefault(k, own[k])
+    return out
+
+
+def load_backbone(model: PromptCAM, path: str) -> None:
+    """Backbone weights from a ViT checkpoint trained by the zoo (Lightning ``.ckpt``, ``net.``-prefixed keys,
+    read with ``weights_only=True``) or any timm ViT weights file; its classifier is dropped."""
+    from ..weights import extract_state_dict, load_into, safe_load
+
+    sd = extract_state_dict(safe_load(path))
+    load_into(model.backbone, _backbone_sd(sd, model.backbone), source=str(path))
+
+
+# ---------------------------------------------------------------------------------------- variants
+_PROMPT_KW = ("num_classes", "vpt_mode", "vpt_dropout", "backbone_ckpt", "top_traits")
+
+
+def _create(pretrained: bool, timm_name: str | None, vit_kwargs: dict, **kwargs: Any) -> PromptCAM:
+    own = {k: kwargs.pop(k) for k in _PROMPT_KW if k in kwargs}
+    vit_kwargs = {**vit_kwargs, **kwargs}  # the rest go to the backbone (drop_path_rate, in_chans, img_size ...)
+    if timm_name is None:
+        if pretrained:
+            raise ValueError("this variant has no published weights; use backbone_ckpt= (a zoo-trained ViT)")
+        backbone = vit_nano_backbone(**vit_kwargs)
+    else:
+        import timm
+
+        backbone = timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **vit_kwargs)
+    return PromptCAM(backbone=backbone, **own)
+
+
+_SPEC = dict(task="classification", paper=PAPER, fixed_input_size=True, mean=INCEPTION_MEAN, std=INCEPTION_STD,
+             checkpoint_filter=checkpoint_filter_fn)
+_SRC = "zoo (timm ViT) + Imageomics/Prompt_CAM"
+
+
+@register_model(source=f"{_SRC}; backbone timm:vit_base_patch16_224.dino",
+                meta=dict(params_m=87.64, trainable_m_200cls=1.844, cub_top1=73.2, pets_top1=91.3, dogs_top1=81.1,
+                          birds525_top1=98.8), **_SPEC)
+def promptcam_vit_base_dino(pretrained: bool = False, **kwargs: Any) -> PromptCAM:
+    """DINO ViT-B/16 (the paper's main backbone); ``num_classes`` defaults to 200 (CUB)."""
+    return _create(pretrained, "vit_base_patch16_224.dino", {}, **kwargs)
+
+
+@register_model(source=f"{_SRC}; backbone timm:vit_base_patch14_dinov2.lvd142m at 224 px (16x16 grid)",
+                meta=dict(params_m=87.63, trainable_m_200cls=1.844, cub_top1=74.1, pets_top1=92.7, dogs_top1=81.3),
+                **_SPEC)
+def promptcam_vit_base_dinov2(pretrained: bool = False, **kwargs: Any) -> PromptCAM:
+    """DINOv2 ViT-B/14 at 224 px as the code (``init_values=1e-5``; pos_embed resampled from 518 by timm)."""
+    return _create(pretrained, "vit_base_patch14_dinov2.lvd142m", {"img_size": 224}, **kwargs)
+
+
+@register_model(source=f"{_SRC}; backbone timm:vit_small_patch16_224.dino", **_SPEC)
+def promptcam_vit_small(pretrained: bool = False, **kwargs: Any) -> PromptCAM:
+    """DINO ViT-S/16 (the paper also reports a ViT-S; the code has no ViT-S path)."""
+    return _create(pretrained, "vit_small_patch16_224.dino", {}, **kwargs)
+
+
+@register_model(input_size=(3, 32, 32), source=f"{_SRC}; backbone zoo vit_nano (train it first, then backbone_ckpt=)",
+                **_SPEC)
+def promptcam_vit_nano(pretrained: bool = False, **kwargs: Any) -> PromptCAM:
+    """CPU variant on the zoo's ``vit_nano`` (32 px, 4x4 patches, 6 x 96-d, 6 heads); ``num_classes`` 10 by
+    default (digits). Give it a trained backbone with ``backbone_ckpt=`` (``experiment=vit_nano_digits``)."""
+    kwargs.setdefault("num_classes", 10)
+    return _create(pretrained, None, dict(NANO_ARCH), **kwargs)
