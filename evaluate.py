@@ -40,7 +40,8 @@ def explain(task, dm, out_dir: str, max_images: int) -> list[Path]:
         else:
             x = batch[0][:max_images]
             images, maps = denormalize(x, dm.mean, dm.std), net.attention_maps(x)
-    return save_attention_maps(images, maps, out_dir, prefix=task.hparams.model["name"], max_images=max_images)
+    return save_attention_maps(images, maps, out_dir, prefix=task.hparams.model["name"], max_images=max_images,
+                               **getattr(net, "overlay_style", {}))
 
 
 def _explain_slide(net, bags, mask, coords):

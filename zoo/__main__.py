@@ -4,7 +4,7 @@
   python -m zoo info halonet_tiny
   python -m zoo bench 'halonet*' timm:resnet18 --img-size 64 --batch-size 8 --train [--json]
   python -m zoo explain --model biformer_tiny --pretrained-file w.safetensors cat.jpg --out maps/
-  python -m zoo explain --ckpt outputs/.../best.ckpt img1.png img2.png --out maps/
+  python -m zoo explain --ckpt outputs/.../best.ckpt img1.png img2.png --out maps/ [--top-traits 4]
 
 Errors the zoo raises on purpose (``zoo.ZooError``) print as one red line and exit with code 2.
 """
@@ -211,6 +211,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
                        "use `python evaluate.py ... explain=true` for bags")
     if not callable(getattr(net, "attention_maps", None)):
         raise ZooError(f"{name} defines no attention_maps(x); `zoo explain` needs a model that does")
+    if args.top_traits and not callable(getattr(net, "rank_heads", None)):
+        raise ZooError(f"{name} has no head ranking (rank_heads); --top-traits is for Prompt-CAM models")
     size = (args.img_size, args.img_size) if args.img_size else tuple(spec.input_size[-2:])
     spec.check_input_size(size)
 
@@ -239,7 +241,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             raise ZooError(f"cannot read image: {e}") from None
         x = normalize(imgs, spec.mean, spec.std).to(device)
         with torch.no_grad():
-            maps = net.attention_maps(x)
+            maps = net.attention_maps(x, top_traits=args.top_traits) if args.top_traits else net.attention_maps(x)
             logits = net(x) if spec.task == "classification" else None
         if not isinstance(maps, dict) or not maps:
             raise ZooError(f"{name}.attention_maps(x) returned {type(maps).__name__}, not a dict of [B, K, h, w] maps")
@@ -252,6 +254,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         written += save_attention_maps(
             denormalize(x.cpu(), spec.mean, spec.std), maps, out_dir, max_images=len(chunk),
             titles=titles, names=stems[start:start + args.batch_size], alpha=args.alpha, cmap=args.cmap,
+            **getattr(net, "overlay_style", {}),
         )
     for p in written:
         console.print(str(p), soft_wrap=True, highlight=False)
@@ -315,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--alpha", type=float, default=0.5)
     s.add_argument("--cmap", default="jet")
+    s.add_argument("--top-traits", type=int, default=None,
+                   help="Prompt-CAM: draw only the N heads kept by greedy head ranking (trait identification)")
     s.set_defaults(func=cmd_explain)
 
     s = sub.add_parser("extract-features", help="tile folders -> per-bag features (pt_files/, h5_files/) for MIL")

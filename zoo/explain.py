@@ -26,7 +26,7 @@ from torch import nn
 from .errors import WeightsError
 
 __all__ = [
-    "overlay", "save_attention_maps", "denormalize", "normalize", "load_image",
+    "overlay", "gaussian_blur", "save_attention_maps", "denormalize", "normalize", "load_image",
     "load_net_from_checkpoint", "MAX_PANELS",
 ]
 
@@ -80,13 +80,30 @@ def _image_hwc(image: Any) -> np.ndarray:
     return img.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def overlay(image: Any, amap: Any, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+def gaussian_blur(m: torch.Tensor, ksize: int) -> torch.Tensor:
+    """``[h, w]`` blurred by a ``ksize x ksize`` Gaussian with OpenCV's default sigma for that size
+    (``0.3 ((ksize - 1) / 2 - 1) + 0.8``) and its default border (reflect-101)."""
+    sigma = 0.3 * ((ksize - 1) * 0.5 - 1) + 0.8
+    r = torch.arange(ksize, dtype=m.dtype) - (ksize - 1) / 2
+    g = torch.exp(-(r ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    pad = ksize // 2
+    x = F.pad(m[None, None], (pad, pad, pad, pad), mode="reflect")
+    x = F.conv2d(x, g.view(1, 1, 1, -1))
+    return F.conv2d(x, g.view(1, 1, -1, 1))[0, 0]
+
+
+def overlay(image: Any, amap: Any, alpha: float = 0.5, cmap: str = "jet", *, interpolation: str = "bilinear",
+            blur: int = 0) -> np.ndarray:
     """Blend an attention map over an image.
 
     ``image``: ``[C, H, W]`` float in 0..1 (C = 1 or 3); ``amap``: ``[h, w]`` of any range. The map is
     min-max normalised (a constant map becomes 0), resized bilinearly to ``H x W``, coloured with the
     matplotlib colour map ``cmap`` and blended: ``(1 - alpha) * image + alpha * colour``.
     Returns ``np.uint8 [H, W, 3]``.
+
+    ``interpolation`` other than bilinear (e.g. ``"bicubic"``) or ``blur > 0`` draw as Prompt-CAM's
+    ``SuperImposeHeatmap``: resize first, then min-max normalise, then a ``blur x blur`` Gaussian blur.
     """
     import matplotlib
 
@@ -98,8 +115,13 @@ def overlay(image: Any, amap: Any, alpha: float = 0.5, cmap: str = "jet") -> np.
         if m.ndim != 2:
             raise ValueError(f"attention map must be [h, w], got shape {tuple(_to_tensor(amap).shape)}")
     m = torch.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0)
+    if interpolation != "bilinear" or blur:
+        m = F.interpolate(m[None, None], size=(h, w), mode=interpolation,
+                          **({} if interpolation == "nearest" else {"align_corners": False}))[0, 0]
     lo, hi = m.min(), m.max()
     m = (m - lo) / (hi - lo) if hi > lo else torch.zeros_like(m)
+    if blur:
+        m = gaussian_blur(m, int(blur))
     m = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
     heat = matplotlib.colormaps[cmap](m.numpy())[..., :3]
     out = (1.0 - alpha) * img + alpha * heat
@@ -134,6 +156,8 @@ def save_attention_maps(
     cmap: str = "jet",
     panel_labels: Mapping[str, Sequence[str]] | None = None,
     dpi: int = 100,
+    interpolation: str = "bilinear",
+    blur: int = 0,
 ) -> list[Path]:
     """Write one PNG per image and map: the input image, then one overlay per map channel.
 
@@ -142,6 +166,7 @@ def save_attention_maps(
     channels are drawn. Files are ``out_dir/{prefix}_{i:03d}_{name}.png`` or, with ``names`` (one per
     image), ``out_dir/{names[i]}_{name}.png``. ``titles`` (one per image) head each figure.
     ``panel_labels``: optional ``{name: [label per channel]}`` (default ``"{name} {k}"``).
+    ``interpolation`` / ``blur``: see :func:`overlay` (a model's ``overlay_style`` dict gives its own).
     Returns the paths written, image by image.
     """
     from matplotlib.figure import Figure
@@ -178,7 +203,7 @@ def save_attention_maps(
             axes[0].imshow(_image_hwc(img))
             axes[0].set_title("input", fontsize=9)
             for j in range(k):
-                axes[j + 1].imshow(overlay(img, m[i, j], alpha=alpha, cmap=cmap))
+                axes[j + 1].imshow(overlay(img, m[i, j], alpha=alpha, cmap=cmap, interpolation=interpolation, blur=blur))
                 label = labels[j] if j < len(labels) else (f"{name} {j}" if m.shape[1] > 1 else name)
                 axes[j + 1].set_title(label, fontsize=9)
             for ax in axes:

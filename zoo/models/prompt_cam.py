@@ -47,6 +47,7 @@ Documented choices and deviations:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -89,9 +90,25 @@ class PromptCAM(nn.Module):
         self.prompt_dropout = nn.Dropout(vpt_dropout)
         self.head = nn.Linear(D, 1)  # shared over classes; default nn.Linear init as the code's reset_classifier
         self.backbone_ckpt = backbone_ckpt
-        if backbone_ckpt:
-            load_backbone(self, backbone_ckpt)
+        # read now if the file is there, else on the first forward (configs name the file before the recipe's
+        # first step has written it); a full state dict loaded in between (evaluate, resume) supersedes it
+        self._backbone_pending = backbone_ckpt
+        if backbone_ckpt and Path(backbone_ckpt).is_file():
+            self.load_backbone()
         self.freeze_backbone()
+
+    # ------------------------------------------------------------------ backbone weights
+    def load_backbone(self, path: str | None = None) -> None:
+        """Read the backbone weights from ``path`` (default ``backbone_ckpt``); see :func:`load_backbone`."""
+        path = path or self._backbone_pending
+        if path:
+            load_backbone(self, path)
+        self._backbone_pending = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        if any(k.startswith(prefix + "backbone.") for k in state_dict):
+            self._backbone_pending = None  # the loaded weights include the backbone: do not overwrite them
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ training surface
     def freeze_backbone(self) -> None:
@@ -112,6 +129,8 @@ class PromptCAM(nn.Module):
 
     def tokens_before_last(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens entering the last block, prompts first: ``[B, C + prefix + M, D]``."""
+        if self._backbone_pending:
+            self.load_backbone()
         vit = self.backbone
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
         B = x.shape[0]
@@ -252,8 +271,7 @@ class PromptCAM(nn.Module):
         def macs(t: int) -> float:
             return L * (t * (4 * D * D + 2 * D * hidden) + 2 * t * t * D)
 
-        shallow_extra = 0 if self.vpt_mode == "deep" else 0
-        return {"num_prompts": self.num_classes, "seq_len": n + shallow_extra, "seq_len_plain": plain,
+        return {"num_prompts": self.num_classes, "seq_len": n, "seq_len_plain": plain,
                 "attn_matrix_mb": round(H * n * n * 4 / 2**20, 3),
                 "attn_matrix_mb_plain": round(H * plain * plain * 4 / 2**20, 3),
                 "gmacs_analytic": round(macs(n) / 1e9, 3), "gmacs_analytic_plain": round(macs(plain) / 1e9, 3),
@@ -328,7 +346,7 @@ _SRC = "zoo (timm ViT) + Imageomics/Prompt_CAM"
 
 
 @register_model(source=f"{_SRC}; backbone timm:vit_base_patch16_224.dino",
-                meta=dict(params_m=87.64, trainable_m_200cls=1.844, cub_top1=73.2, pets_top1=91.3, dogs_top1=81.1,
+                meta=dict(params_m=87.643, trainable_m=1.844, cub_top1=73.2, pets_top1=91.3, dogs_top1=81.1,
                           birds525_top1=98.8), **_SPEC)
 def promptcam_vit_base_dino(pretrained: bool = False, **kwargs: Any) -> PromptCAM:
     """DINO ViT-B/16 (the paper's main backbone); ``num_classes`` defaults to 200 (CUB)."""
@@ -336,7 +354,7 @@ def promptcam_vit_base_dino(pretrained: bool = False, **kwargs: Any) -> PromptCA
 
 
 @register_model(source=f"{_SRC}; backbone timm:vit_base_patch14_dinov2.lvd142m at 224 px (16x16 grid)",
-                meta=dict(params_m=87.63, trainable_m_200cls=1.844, cub_top1=74.1, pets_top1=92.7, dogs_top1=81.3),
+                meta=dict(params_m=87.569, trainable_m=1.844, cub_top1=74.1, pets_top1=92.7, dogs_top1=81.3),
                 **_SPEC)
 def promptcam_vit_base_dinov2(pretrained: bool = False, **kwargs: Any) -> PromptCAM:
     """DINOv2 ViT-B/14 at 224 px as the code (``init_values=1e-5``; pos_embed resampled from 518 by timm)."""
