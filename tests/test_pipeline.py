@@ -38,6 +38,11 @@ def test_experiment_composes_and_instantiates(experiment, compose_cfg):
         kwargs.setdefault("in_dim", 64)
     net = zoo.create_model(cfg.model.name, num_classes=num_classes, **kwargs)
     assert sum(p.numel() for p in net.parameters()) > 0
+    # the task accepts the recipe's optimisation settings (e.g. mixup with a model's own objective is refused)
+    from zoo.tasks import TASKS
+
+    TASKS[spec.task](net, model={"name": cfg.model.name, "kwargs": kwargs}, num_classes=num_classes,
+                     optim=dict(cfg.optim))
     # evaluate.py takes the same experiment
     compose_cfg("evaluate", [f"experiment={experiment}", "ckpt_path=x.ckpt"])
 

@@ -225,3 +225,15 @@ def test_data_configs_compose_and_instantiate(compose_cfg, tmp_path, name):
     dm = instantiate(cfg.data, _convert_="all")
     dm.setup()
     assert dm.img_size == 32 and len(dm.test_set) > 0
+
+
+def test_timm_training_augmentation_on_a_file_dataset(tmp_path):
+    root, *_ = write_cub200(tmp_path)
+    aug = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "interpolation": "bicubic"}
+    dm = ClassificationDataModule(dataset="cub200", root=str(root), img_size=IMG_SIZE, timm_aug=aug, batch_size=4)
+    dm.setup()
+    names = [type(t).__name__ for t in dm.train_set.transform.transforms]
+    assert "RandAugment" in names and "RandomErasing" in names
+    x, y = dm.train_set[0]
+    assert x.shape == (3, IMG_SIZE, IMG_SIZE) and x.dtype.is_floating_point
+    assert "RandAugment" not in [type(t).__name__ for t in dm.test_set.transform.transforms]

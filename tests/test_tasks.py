@@ -112,3 +112,26 @@ def test_mil_f1_is_really_macro():
     f1_neg = 2 * 8 / (2 * 8 + 1 + 0)
     assert m["f1"].item() == pytest.approx((f1_pos + f1_neg) / 2)
     assert m["auroc"].item() == pytest.approx(0.75)
+
+
+def test_mixup_cutmix_soft_targets_and_loss():
+    """optim.mixup_alpha / cutmix_alpha: timm Mixup on the batch, soft-target CE; an odd batch drops one sample."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+    task = _task(net, optim={"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1})
+    seen = {}
+    task.log = lambda name, value, **kw: seen.__setitem__(name, value)
+    x, y = torch.randn(5, 3, 8, 8), torch.randint(0, 3, (5,))
+    torch.manual_seed(0)
+    xm, ym = task.mix(x.clone(), y)  # timm mixes in place
+    assert xm.shape == (4, 3, 8, 8) and ym.shape == (4, 3)
+    assert torch.allclose(ym.sum(-1), torch.ones(4)) and not torch.equal(xm, x[:4])
+    expected = torch.sum(-ym * torch.log_softmax(net(xm), -1), -1).mean()
+    assert task.criterion(net(xm), ym).item() == pytest.approx(expected.item(), rel=1e-6)
+    loss = task.training_step((x, y), 0)
+    assert torch.isfinite(loss) and "train/loss" in seen
+    assert _task(net).mix(x, y)[1] is y  # off by default
+
+
+def test_mixup_refused_for_models_with_their_own_hard_label_objective():
+    with pytest.raises(ValueError, match="mixup_alpha=0"):
+        _task(NetWithObjective(), optim={"mixup_alpha": 0.8})

@@ -46,6 +46,11 @@ class ClassificationDataModule(ZooDataModule):
     ``img_size=448, resize_ratio=1.2277`` and follows ``img_size`` when it is overridden. Without it,
     training uses RandomResizedCrop and evaluation the usual 0.875 centre crop.
 
+    ``timm_aug``: keyword arguments of ``timm.data.create_transform`` for the training images of file
+    datasets (the DeiT recipe: ``auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25,
+    interpolation='bicubic'``); timm's RandomResizedCrop then replaces the crop above. Evaluation
+    transforms are unchanged. Mixup/cutmix are batch-level and live in the task (``optim.mixup_alpha``).
+
     Missing val/test splits are seeded stratified splits of train (``val_fraction``,
     ``test_fraction`` of it); ``digits`` is split 70/10/20 of all 1,797 images by default.
     """
@@ -77,6 +82,7 @@ class ClassificationDataModule(ZooDataModule):
         augment: bool = True,
         verify_checksums: bool = True,
         resize_ratio: float | None = None,
+        timm_aug: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -127,7 +133,12 @@ class ClassificationDataModule(ZooDataModule):
     def _to_float(self) -> list:
         return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
 
-    def _folder_transforms(self, train: bool) -> v2.Compose:
+    def _folder_transforms(self, train: bool):
+        if train and self.hparams.augment and self.hparams.timm_aug:
+            from timm.data import create_transform
+
+            return create_transform(self.img_size, is_training=True, mean=self.mean, std=self.std,
+                                    **dict(self.hparams.timm_aug))
         s, ratio = self.img_size, self.hparams.resize_ratio
         if ratio is not None:  # resize then crop (FGVC: 550 -> 448)
             r = round(s * ratio)

@@ -19,6 +19,7 @@ from ..registry import create_model
 DEFAULT_OPTIM = dict(
     name="adamw", lr=1e-3, weight_decay=0.05, momentum=0.9, betas=(0.9, 0.999),
     warmup_epochs=1.0, warmup_lr_ratio=0.01, min_lr_ratio=0.01, scheduler="cosine", label_smoothing=0.0,
+    mixup_alpha=0.0, cutmix_alpha=0.0, mixup_prob=1.0, mixup_switch_prob=0.5,  # classification only (timm Mixup)
 )
 
 
@@ -96,8 +97,13 @@ class ZooTask(L.LightningModule):
     def forward(self, x: torch.Tensor, **kw: Any) -> torch.Tensor:
         return self.net(x, **kw)
 
+    def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch-level augmentation of the training inputs and targets (mixup/cutmix in classification)."""
+        return x, y
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, kw = self.unpack(batch)
+        x, y = self.mix(x, y)
         if hasattr(self.net, "forward_train"):
             logits, losses = self.net.forward_train(x, y, **kw)
         else:
