@@ -29,6 +29,7 @@ root/
   train/masks/0001.png          same stem; pixel value = class id (or see value_map), 255 = ignore
   val/{images,masks}/...        optional: a seeded split of train stands in
   test/{images,masks}/...       optional: likewise
+  (CHAOS-style {split}/Img/ + {split}/GT/ with the same file names is read too)
 """
 
 
@@ -88,6 +89,8 @@ class ImageList(Dataset):
 def scan_segfolder(split_dir: Path) -> list[tuple[Path, Path]]:
     """(image, mask) pairs matched by file stem."""
     img_dir, mask_dir = split_dir / "images", split_dir / "masks"
+    if not img_dir.is_dir() and (split_dir / "Img").is_dir():  # the CHAOS slice layout
+        img_dir, mask_dir = split_dir / "Img", split_dir / "GT"
     for d in (img_dir, mask_dir):
         if not d.is_dir():
             raise DatasetNotFoundError(f"folder not found: {d}\nExpected layout:\n{SEGFOLDER_LAYOUT}")

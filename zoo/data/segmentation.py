@@ -22,8 +22,11 @@ SHAPES_SIZE = 64  # scenes are drawn at 64 px and resized per item if the model 
 
 class SegmentationDataModule(ZooDataModule):
     """``dataset``: ``shapes`` (embedded, ``num_train``/``num_val``/``num_test`` scenes) or
-    ``segfolder`` (``root/{split}/images/*`` + ``root/{split}/masks/*.png``; needs
-    ``num_classes``; ``value_map`` maps grey levels to class ids, unmapped values -> 255)."""
+    ``segfolder`` (``root/{split}/images/*`` + ``root/{split}/masks/*.png``, or CHAOS-style
+    ``root/{split}/Img/*`` + ``root/{split}/GT/*``; needs ``num_classes``; ``value_map`` maps grey
+    levels to class ids, unmapped values -> 255). Augmentation of folders: ``crop_scale`` (random
+    resized crop; ``null`` = plain resize), horizontal flip, ``vflip``, ``rotate_degrees``, all joint.
+    ``spacing`` (pixel size, (row, column) or one number) scales the test surface distances."""
 
     task = "segmentation"
     DATASETS = {
@@ -51,7 +54,9 @@ class SegmentationDataModule(ZooDataModule):
         class_names: list | None = None,
         value_map: dict | None = None,
         rotate_degrees: float = 0.0,
-        crop_scale: tuple = (0.5, 1.0),
+        crop_scale: tuple | None = (0.5, 1.0),
+        vflip: bool = False,
+        spacing: float | list | None = None,
         num_train: int = 1000,
         num_val: int = 200,
         num_test: int = 200,
@@ -85,8 +90,12 @@ class SegmentationDataModule(ZooDataModule):
         hp, s = self.hparams, self.img_size
         augment = train and hp.augment
         if native is None:  # photos of any size and aspect
-            ops = [v2.RandomResizedCrop(s, scale=tuple(hp.crop_scale), antialias=True),
-                   v2.RandomHorizontalFlip()] if augment else [v2.Resize((s, s), antialias=True)]
+            if augment and hp.crop_scale:
+                ops = [v2.RandomResizedCrop(s, scale=tuple(hp.crop_scale), antialias=True), v2.RandomHorizontalFlip()]
+            else:
+                ops = [v2.Resize((s, s), antialias=True)] + ([v2.RandomHorizontalFlip()] if augment else [])
+            if augment and hp.get("vflip"):  # slices (CHAOS): any flip is still anatomy
+                ops.append(v2.RandomVerticalFlip())
         else:  # drawn square scenes: any flip is still a valid scene
             ops = [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()] if augment else []
             if native != s:

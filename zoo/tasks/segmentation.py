@@ -1,12 +1,26 @@
-"""Semantic segmentation: dataset-level mIoU, per-class IoU, pixel accuracy, mean foreground Dice.
+"""Semantic segmentation: dataset-level mIoU, per-class IoU and Dice, pixel accuracy, mean foreground Dice,
+volumetric similarity; on the test split also HD95 and mean symmetric surface distance.
 
-All come from one confusion matrix accumulated over the whole split (dataset-level, not a mean of
-per-image scores); label 255 is ignored. Foreground = every class but 0; a class that appears
+IoU, Dice and VS come from one confusion matrix accumulated over the whole split (dataset-level, not a
+mean of per-image scores); label 255 is ignored. Foreground = every class but 0; a class that appears
 neither in the labels nor the predictions is left out of the means.
+
+Surface distances (:class:`SurfaceDistances`) are per image and per foreground class, as MONAI's
+``HausdorffDistanceMetric(percentile=95)`` and ``SurfaceDistanceMetric(symmetric=True)`` define them:
+borders are ``mask XOR binary_erosion(mask)`` (4-connected), distances come from scipy's Euclidean
+distance transform with the pixel ``spacing`` (``data_info["spacing"]``, (row, column) or one number;
+default 1 = pixels); HD95 = max of the two directed 95th percentiles, MSD = mean of both directions'
+distances pooled. A class scores only on images where both the label and the prediction contain it;
+its value is the mean over those images (NaN if there are none). Ignored pixels belong to neither mask.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
+from torch import nn
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from .base import ZooTask
@@ -18,7 +32,81 @@ def scores_from_confusion(cm: torch.Tensor) -> dict[str, torch.Tensor]:
     fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
     iou = tp / (tp + fp + fn)  # nan where the class never occurs
     dice = 2 * tp / (2 * tp + fp + fn)
-    return {"iou": iou, "dice": dice, "acc": tp.sum() / cm.sum().clamp_min(1)}
+    vs = 1 - (fn - fp).abs() / (2 * tp + fp + fn)  # volumetric similarity
+    return {"iou": iou, "dice": dice, "vs": vs, "acc": tp.sum() / cm.sum().clamp_min(1)}
+
+
+def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: float | Sequence[float] = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Distances from each border pixel of ``pred`` to ``gt``'s border, and back (two non-empty bool masks)."""
+    from scipy import ndimage
+
+    def border(m: np.ndarray) -> np.ndarray:
+        return m ^ ndimage.binary_erosion(m)
+
+    bp, bg = border(pred), border(gt)
+    to_gt = ndimage.distance_transform_edt(~bg, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~bp, sampling=spacing)
+    return to_gt[bp], to_pred[bg]
+
+
+def hd95_msd(pred: np.ndarray, gt: np.ndarray, spacing: float | Sequence[float] = 1.0) -> tuple[float, float]:
+    """(95th-percentile Hausdorff distance, mean symmetric surface distance) of two non-empty masks."""
+    a, b = surface_distances(pred, gt, spacing)
+    return max(np.percentile(a, 95), np.percentile(b, 95)), float(np.concatenate([a, b]).mean())
+
+
+class SurfaceDistances(Metric):
+    """Per-class means over images of HD95 and MSD (see the module docstring); ``update(pred, target)``
+    takes label maps ``[B, H, W]``."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, spacing: float | Sequence[float] | None = None, ignore_index: int = 255):
+        super().__init__()
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.spacing = 1.0 if spacing is None else (float(spacing) if np.isscalar(spacing) else tuple(map(float, spacing)))
+        for name in ("hd95_sum", "msd_sum", "count"):
+            self.add_state(name, torch.zeros(num_classes, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        pred, target = pred.detach().cpu().numpy(), target.detach().cpu().numpy()
+        hd, msd, n = (np.zeros(self.num_classes) for _ in range(3))
+        for p, t in zip(pred, target):
+            valid = t != self.ignore_index
+            for c in range(1, self.num_classes):
+                pm, tm = (p == c) & valid, t == c
+                if pm.any() and tm.any():
+                    h, m = hd95_msd(pm, tm, self.spacing)
+                    hd[c] += h
+                    msd[c] += m
+                    n[c] += 1
+        for name, v in (("hd95_sum", hd), ("msd_sum", msd), ("count", n)):
+            getattr(self, name).add_(torch.from_numpy(v).to(self.count))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        n = self.count.clamp_min(1)
+        nan = torch.full_like(n, float("nan"))
+        has = self.count > 0
+        return {"hd95": torch.where(has, self.hd95_sum / n, nan), "msd": torch.where(has, self.msd_sum / n, nan)}
+
+
+class SegmentationMetrics(nn.Module):
+    """The confusion matrix, plus surface distances when ``surface=True`` (the test split)."""
+
+    def __init__(self, num_classes: int, *, surface: bool = False, spacing=None):
+        super().__init__()
+        self.cm = MulticlassConfusionMatrix(num_classes, ignore_index=255)
+        self.surface = SurfaceDistances(num_classes, spacing) if surface else None
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        self.cm.update(pred, target)
+        if self.surface is not None:
+            self.surface.update(pred, target)
+
+    def reset(self) -> None:
+        self.cm.reset()
+        if self.surface is not None:
+            self.surface.reset()
 
 
 class SegmentationTask(ZooTask):
@@ -26,18 +114,27 @@ class SegmentationTask(ZooTask):
     monitor = "val/miou"
     monitor_mode = "max"
 
-    def make_metrics(self) -> MulticlassConfusionMatrix:
-        return MulticlassConfusionMatrix(self.hparams.num_classes, ignore_index=255)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.metrics["test"] = self.make_metrics(surface=True)  # surface distances cost CPU: test split only
+
+    def make_metrics(self, surface: bool = False) -> SegmentationMetrics:
+        spacing = (self.hparams.get("data_info") or {}).get("spacing")
+        return SegmentationMetrics(self.hparams.num_classes, surface=surface, spacing=spacing)
 
     def update_metrics(self, metrics, logits, y) -> None:
         metrics.update(logits.argmax(1), y)
 
     def compute_metrics(self, metrics) -> dict[str, torch.Tensor]:
-        s = scores_from_confusion(metrics.compute())
-        out = {
-            "miou": s["iou"].nanmean(),
-            "acc": s["acc"],
-            "dice": s["dice"][1:].nanmean() if len(s["dice"]) > 1 else s["dice"].nanmean(),
-        }
+        s = scores_from_confusion(metrics.cm.compute())
+        fg = slice(1, None) if len(s["dice"]) > 1 else slice(None)
+        out = {"miou": s["iou"].nanmean(), "acc": s["acc"], "dice": s["dice"][fg].nanmean(), "vs": s["vs"][fg].nanmean()}
         out.update({f"iou_{n}": v for n, v in zip(self.class_names, s["iou"])})
-        return {k: torch.nan_to_num(v.float(), nan=0.0) for k, v in out.items()}
+        out.update({f"dice_{n}": v for n, v in zip(self.class_names, s["dice"])})
+        out.update({f"vs_{n}": v for n, v in zip(self.class_names, s["vs"])})
+        out = {k: torch.nan_to_num(v.float(), nan=0.0) for k, v in out.items()}
+        if metrics.surface is not None:  # NaN kept: 0 would read as a perfect distance
+            for key, v in metrics.surface.compute().items():
+                out[key] = v[fg].float().nanmean()
+                out.update({f"{key}_{n}": v[c].float() for c, n in enumerate(self.class_names) if c > 0})
+        return out
