@@ -2,6 +2,7 @@
 
   python -m zoo list 'halonet*' --task classification [--json]
   python -m zoo info halonet_tiny
+  python -m zoo table [--write README.md]
   python -m zoo bench 'halonet*' timm:resnet18 --img-size 64 --batch-size 8 --train [--json]
   python -m zoo explain --model biformer_tiny --pretrained-file w.safetensors cat.jpg --out maps/
   python -m zoo explain --ckpt outputs/.../best.ckpt img1.png img2.png --out maps/ [--top-traits 4]
@@ -322,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Prompt-CAM: draw only the N heads kept by greedy head ranking (trait identification)")
     s.set_defaults(func=cmd_explain)
 
+    s = sub.add_parser("table", help="the README's model table (Markdown), generated from the registry and configs")
+    s.add_argument("pattern", nargs="?", default=None, help="only models matching this wildcard")
+    s.add_argument("--write", metavar="FILE", help="replace the model-table block of FILE (e.g. README.md)")
+    s.set_defaults(func=cmd_table)
+
     s = sub.add_parser("extract-features", help="tile folders -> per-bag features (pt_files/, h5_files/) for MIL")
     s.add_argument("tiles_root", metavar="TILES_ROOT", help="one folder of tile images per bag (split folders above allowed)")
     s.add_argument("--out", required=True, help="output folder: writes pt_files/<bag>.pt and h5_files/<bag>.h5")
@@ -333,6 +339,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_extract_features)
     return p
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    import zoo
+    from . import model_table
+
+    text = model_table.markdown(model_table.rows(zoo.list_models(args.pattern) if args.pattern else None))
+    if args.write:
+        path = Path(args.write)
+        path.write_text(model_table.replace_block(path.read_text(), text))
+        _console(stderr=True).print(f"wrote the model table into {path}")
+    else:
+        sys.stdout.write(text + "\n")
+    return 0
 
 
 def cmd_extract_features(args: argparse.Namespace) -> int:

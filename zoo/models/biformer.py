@@ -421,17 +421,17 @@ def _biformer(pretrained: bool, **kwargs) -> BiFormer:
 _SPEC = dict(task="classification", paper=PAPER, source=SOURCE, checkpoint_filter=checkpoint_filter, min_size=32)
 
 
-@register_model(meta=dict(params_m=13.14, gflops=2.2, top1=81.4, dataset="imagenet-1k@224"), **_SPEC)
+@register_model(meta=dict(weights='official .pth (`pretrained_file=`)', params_m=13.14, gflops=2.2, top1=81.4, dataset="imagenet-1k@224"), **_SPEC)
 def biformer_tiny(pretrained: bool = False, **kwargs) -> BiFormer:
     return _biformer(pretrained, **{**dict(depths=(2, 2, 8, 2), embed_dims=(64, 128, 256, 512)), **kwargs})
 
 
-@register_model(meta=dict(params_m=25.54, gflops=4.5, top1=83.8, dataset="imagenet-1k@224"), **_SPEC)
+@register_model(meta=dict(weights='official .pth (`pretrained_file=`)', params_m=25.54, gflops=4.5, top1=83.8, dataset="imagenet-1k@224"), **_SPEC)
 def biformer_small(pretrained: bool = False, **kwargs) -> BiFormer:
     return _biformer(pretrained, **{**dict(depths=(4, 4, 18, 4), embed_dims=(64, 128, 256, 512)), **kwargs})
 
 
-@register_model(meta=dict(params_m=56.80, gflops=9.8, top1=84.3, dataset="imagenet-1k@224"), **_SPEC)
+@register_model(meta=dict(weights='official .pth (`pretrained_file=`)', params_m=56.80, gflops=9.8, top1=84.3, dataset="imagenet-1k@224"), **_SPEC)
 def biformer_base(pretrained: bool = False, **kwargs) -> BiFormer:
     return _biformer(pretrained, **{**dict(depths=(4, 4, 18, 4), embed_dims=(96, 192, 384, 768)), **kwargs})
 

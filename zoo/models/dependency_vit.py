@@ -398,26 +398,26 @@ _SMALL = dict(embed_dim=384, depth=12, num_heads=6)  # DeiT-S geometry (the draf
 
 
 @register_model(source="zoo (timm ViT pieces; no official code)",
-                meta=dict(dataset="imagenet-1k@224", paper_numbers=_NOT_FOUND), **_SPEC)
+                meta=dict(weights='none published', dataset="imagenet-1k@224", paper_numbers=_NOT_FOUND), **_SPEC)
 def dependencyvit_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
     return _create(pretrained, "dependencyvit_tiny", **{**_TINY, **kwargs})
 
 
 @register_model(source="zoo (timm ViT pieces; no official code)",
-                meta=dict(dataset="imagenet-1k@224", paper_numbers=_NOT_FOUND), **_SPEC)
+                meta=dict(weights='none published', dataset="imagenet-1k@224", paper_numbers=_NOT_FOUND), **_SPEC)
 def dependencyvit_small(pretrained: bool = False, **kwargs) -> nn.Module:
     return _create(pretrained, "dependencyvit_small", **{**_SMALL, **kwargs})
 
 
 @register_model(source="zoo (timm ViT pieces; no official code)",
-                meta=dict(dataset="imagenet-1k@224", paper_numbers=_NOT_FOUND), **_SPEC)
+                meta=dict(weights='none published', dataset="imagenet-1k@224", paper_numbers=_NOT_FOUND), **_SPEC)
 def dependencyvit_lite_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
     return _create(pretrained, "dependencyvit_lite_tiny",
                    **{**_TINY, **_LITE, **kwargs})
 
 
 @register_model(source="zoo (timm ViT pieces; no official code)",
-                meta=dict(dataset="imagenet-1k@224", paper_numbers=_NOT_FOUND), **_SPEC)
+                meta=dict(weights='none published', dataset="imagenet-1k@224", paper_numbers=_NOT_FOUND), **_SPEC)
 def dependencyvit_lite_small(pretrained: bool = False, **kwargs) -> nn.Module:
     return _create(pretrained, "dependencyvit_lite_small",
                    **{**_SMALL, **_LITE, **kwargs})

@@ -103,37 +103,37 @@ _SPEC = dict(task="classification", paper=PAPER, mean=_MEAN, std=_STD)
 
 
 @register_model(input_size=(3, 256, 256), size_divisor=256, source="timm:halonet26t.a1h_in1k",
-                meta=dict(params_m=12.48, gmacs=3.19, top1=79.13, dataset="imagenet-1k@256"), **_SPEC)
+                meta=dict(weights='timm ImageNet (`pretrained=true`)', params_m=12.48, gmacs=3.19, top1=79.13, dataset="imagenet-1k@256"), **_SPEC)
 def halonet26t(pretrained: bool = False, **kwargs) -> nn.Module:
     return _timm_halonet("halonet26t", pretrained, **kwargs)
 
 
 @register_model(input_size=(3, 256, 256), size_divisor=256, source="timm:halonet50ts.a1h_in1k",
-                meta=dict(params_m=22.73, gmacs=5.30, top1=81.64, dataset="imagenet-1k@256"), **_SPEC)
+                meta=dict(weights='timm ImageNet (`pretrained=true`)', params_m=22.73, gmacs=5.30, top1=81.64, dataset="imagenet-1k@256"), **_SPEC)
 def halonet50ts(pretrained: bool = False, **kwargs) -> nn.Module:
     return _timm_halonet("halonet50ts", pretrained, **kwargs)
 
 
 @register_model(input_size=(3, 256, 256), size_divisor=256, source="timm:sehalonet33ts.ra2_in1k",
-                meta=dict(params_m=13.69, gmacs=3.55, top1=80.98, dataset="imagenet-1k@256"), **_SPEC)
+                meta=dict(weights='timm ImageNet (`pretrained=true`)', params_m=13.69, gmacs=3.55, top1=80.98, dataset="imagenet-1k@256"), **_SPEC)
 def sehalonet33ts(pretrained: bool = False, **kwargs) -> nn.Module:
     return _timm_halonet("sehalonet33ts", pretrained, **kwargs)
 
 
 @register_model(input_size=(3, 256, 256), size_divisor=256, source="timm:eca_halonext26ts.c1_in1k",
-                meta=dict(params_m=10.76, gmacs=2.44, top1=79.52, dataset="imagenet-1k@256"), **_SPEC)
+                meta=dict(weights='timm ImageNet (`pretrained=true`)', params_m=10.76, gmacs=2.44, top1=79.52, dataset="imagenet-1k@256"), **_SPEC)
 def eca_halonext26ts(pretrained: bool = False, **kwargs) -> nn.Module:
     return _timm_halonet("eca_halonext26ts", pretrained, **kwargs)
 
 
 @register_model(input_size=(3, 224, 224), size_divisor=224, source="timm:haloregnetz_b.ra3_in1k",
-                meta=dict(params_m=11.68, gmacs=1.97, top1=81.06, dataset="imagenet-1k@224"), **_SPEC)
+                meta=dict(weights='timm ImageNet (`pretrained=true`)', params_m=11.68, gmacs=1.97, top1=81.06, dataset="imagenet-1k@224"), **_SPEC)
 def haloregnetz_b(pretrained: bool = False, **kwargs) -> nn.Module:
     return _timm_halonet("haloregnetz_b", pretrained, **kwargs)
 
 
 @register_model(input_size=(3, 256, 256), size_divisor=256, source="timm:halonet_h1 (untrained)",
-                meta=dict(params_m=8.1, gmacs=3.0, dataset="imagenet-1k@256 (paper H1)"), **_SPEC)
+                meta=dict(weights="none published (timm has the config only)", params_m=8.1, gmacs=3.0, dataset="imagenet-1k@256 (paper H1)"), **_SPEC)
 def halonet_h1(pretrained: bool = False, **kwargs) -> nn.Module:
     return _timm_halonet("halonet_h1", pretrained, **kwargs)
 

@@ -590,19 +590,19 @@ _NOTE = "paper abstract: MHSA FLOPs -48..-69%, top-1 drop <= 0.4 (ImageNet-1k); 
 
 
 @register_model(input_size=(3, 224, 224), source="zoo (timm ViT) + lim142857/Sparsifiner; backbone timm:deit_tiny_patch16_224",
-                meta=dict(params_m=5.80, gflops=1.26, backbone_top1=72.2, note=_NOTE), **_SPEC)
+                meta=dict(weights='timm DeiT (`pretrained=true`), official (`pretrained_file=`)', params_m=5.80, gflops=1.26, backbone_top1=72.2, note=_NOTE), **_SPEC)
 def sparsifiner_deit_tiny(pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
     return _create(pretrained, "deit_tiny_patch16_224", **{**dict(embed_dim=192, depth=12, num_heads=3), **kwargs})
 
 
 @register_model(input_size=(3, 224, 224), source="zoo (timm ViT) + lim142857/Sparsifiner; backbone timm:deit_small_patch16_224",
-                meta=dict(params_m=22.25, gflops=4.6, backbone_top1=79.9, note=_NOTE), **_SPEC)
+                meta=dict(weights='timm DeiT (`pretrained=true`), official (`pretrained_file=`)', params_m=22.25, gflops=4.6, backbone_top1=79.9, note=_NOTE), **_SPEC)
 def sparsifiner_deit_small(pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
     return _create(pretrained, "deit_small_patch16_224", **{**dict(embed_dim=384, depth=12, num_heads=6), **kwargs})
 
 
 @register_model(input_size=(3, 224, 224), source="zoo (timm ViT) + lim142857/Sparsifiner; backbone timm:deit_base_patch16_224",
-                meta=dict(params_m=86.97, gflops=17.6, backbone_top1=81.8, note=_NOTE), **_SPEC)
+                meta=dict(weights='timm DeiT (`pretrained=true`), official (`pretrained_file=`)', params_m=86.97, gflops=17.6, backbone_top1=81.8, note=_NOTE), **_SPEC)
 def sparsifiner_deit_base(pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
     return _create(pretrained, "deit_base_patch16_224", **{**dict(embed_dim=768, depth=12, num_heads=12), **kwargs})
 

@@ -283,7 +283,7 @@ _MV2 = dict(params_ref_baseline_m=3.4, gflops_ref_baseline=0.300, dataset="image
 
 # ---------------------------------------------------------------------------------------- variants
 @register_model(source="zoo (timm mobilenetv1_100, ULSAM replaces blocks.3.5)",
-                meta=dict(params_m=3.9, gflops=0.517, top1=70.43, ulsam="replace 1x 14^2x512 layer, g=4", **_MV1),
+                meta=dict(weights='timm MobileNet backbone (`pretrained=true`)', params_m=3.9, gflops=0.517, top1=70.43, ulsam="replace 1x 14^2x512 layer, g=4", **_MV1),
                 **_SPEC)
 def ulsam_mobilenetv1_100(pretrained: bool = False, *, num_splits: int = 4, positions: Sequence[str] = MV1_REPLACE,
                           bn_momentum: float = 0.1, **kwargs) -> ULSAMMobileNet:
@@ -292,7 +292,7 @@ def ulsam_mobilenetv1_100(pretrained: bool = False, *, num_splits: int = 4, posi
 
 
 @register_model(source="zoo (timm mobilenetv1_100, ULSAM added after blocks.3.5)",
-                meta=dict(params_m=4.2, gflops=0.5692, top1=70.92, ulsam="added after 1x 14^2x512 layer, g=1..16",
+                meta=dict(weights='timm MobileNet backbone (`pretrained=true`)', params_m=4.2, gflops=0.5692, top1=70.92, ulsam="added after 1x 14^2x512 layer, g=1..16",
                           **_MV1), **_SPEC)
 def ulsam_mobilenetv1_100_add(pretrained: bool = False, *, num_splits: int = 4, positions: Sequence[str] = MV1_REPLACE,
                               bn_momentum: float = 0.1, **kwargs) -> ULSAMMobileNet:
@@ -301,7 +301,7 @@ def ulsam_mobilenetv1_100_add(pretrained: bool = False, *, num_splits: int = 4, 
 
 
 @register_model(source="zoo (timm MobileNet-V1 x0.75, ULSAM replaces blocks.3.5)",
-                meta=dict(params_m=2.4, gflops=0.296, top1=67.98, ulsam="replace 1x 14^2x384 layer, g=1",
+                meta=dict(weights='timm MobileNet backbone (`pretrained=true`)', params_m=2.4, gflops=0.296, top1=67.98, ulsam="replace 1x 14^2x384 layer, g=1",
                           params_ref_baseline_m=2.6, gflops_ref_baseline=0.325, dataset="imagenet-1k@224"), **_SPEC)
 def ulsam_mobilenetv1_075(pretrained: bool = False, *, num_splits: int = 1, positions: Sequence[str] = MV1_REPLACE,
                           bn_momentum: float = 0.1, **kwargs) -> ULSAMMobileNet:
@@ -310,7 +310,7 @@ def ulsam_mobilenetv1_075(pretrained: bool = False, *, num_splits: int = 1, posi
 
 
 @register_model(source="zoo (timm MobileNet-V1 x0.5, ULSAM replaces blocks.3.5)",
-                meta=dict(params_m=1.2, gflops=0.136, top1=63.42, ulsam="replace 1x 14^2x256 layer, g=1",
+                meta=dict(weights='timm MobileNet backbone (`pretrained=true`)', params_m=1.2, gflops=0.136, top1=63.42, ulsam="replace 1x 14^2x256 layer, g=1",
                           params_ref_baseline_m=1.3, gflops_ref_baseline=0.149, dataset="imagenet-1k@224"), **_SPEC)
 def ulsam_mobilenetv1_050(pretrained: bool = False, *, num_splits: int = 1, positions: Sequence[str] = MV1_REPLACE,
                           bn_momentum: float = 0.1, **kwargs) -> ULSAMMobileNet:
@@ -321,7 +321,8 @@ def ulsam_mobilenetv1_050(pretrained: bool = False, *, num_splits: int = 1, posi
 def _mv2_variant(key: str, params_m: float, gflops: float, what: str, top1: float | None = None):
     """Register ``ulsam_mobilenetv2_100[_key]``: timm mobilenetv2_100 with ULSAM replacing ``MV2[key]``."""
     name = "ulsam_mobilenetv2_100" + ("" if key == "r96_160" else f"_{key}")
-    meta = dict(params_m=params_m, gflops=gflops, ulsam=f"replace {what}, g=4", **_MV2)
+    meta = dict(weights="timm MobileNet backbone (`pretrained=true`)", params_m=params_m, gflops=gflops,
+                ulsam=f"replace {what}, g=4", **_MV2)
     if top1 is not None:
         meta["top1"] = top1
 
@@ -346,7 +347,7 @@ ulsam_mobilenetv2_100_r96x2_160x2 = _mv2_variant("r96x2_160x2", 2.54, 0.224, "tw
 
 
 @register_model(source="zoo (timm mobilenetv2_100, ULSAM added after blocks.4.2 and blocks.5.2: assumed positions)",
-                meta=dict(top1=71.64, ulsam="added (positions not public; ours: after blocks.4.2, 5.2), g=4", **_MV2),
+                meta=dict(weights='timm MobileNet backbone (`pretrained=true`)', top1=71.64, ulsam="added (positions not public; ours: after blocks.4.2, 5.2), g=4", **_MV2),
                 **_SPEC)
 def ulsam_mobilenetv2_100_add(pretrained: bool = False, *, num_splits: int = 4,
                               positions: Sequence[str] = MV2["r96_160"], bn_momentum: float = 0.1,
