@@ -58,6 +58,26 @@ def test_pam_sdpa_equals_plain(hw):
     torch.testing.assert_close(fast.query_conv.weight.grad, plain.query_conv.weight.grad, atol=1e-3, rtol=1e-4)
 
 
+def _graph_names(t: torch.Tensor) -> set[str]:
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo += [f for f, _ in fn.next_functions]
+    return names
+
+
+def test_pam_sdpa_does_not_fall_back_to_the_math_path():
+    """The math fallback (softmax + bmm) keeps the N x N matrix for backward; a fused kernel does not."""
+    x = torch.randn(1, 64, 16, 16, requires_grad=True)
+    names = _graph_names(PAM(64, impl="sdpa")(x))
+    assert any("ScaledDotProduct" in n for n in names) and not any("Softmax" in n for n in names), names
+    assert any("Softmax" in n for n in _graph_names(PAM(64, impl="plain")(x)))
+
+
 def test_gammas_start_at_zero(tiny):
     gammas = [p for n, p in tiny.named_parameters() if n.endswith("gamma")]
     assert len(gammas) == 16 and all(g.item() == 0 for g in gammas)  # 2 steps x 4 scales x (PAM, CAM)

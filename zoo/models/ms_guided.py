@@ -91,9 +91,11 @@ class PAM(nn.Module):
         if self.impl == "plain":
             out = torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v
         else:
-            pad = max(0, v.shape[-1] - q.shape[-1])  # zeros add nothing to q.k; equal sizes suit flash kernels
-            qp, kp = F.pad(q, (0, pad)), F.pad(k, (0, pad))
-            out = F.scaled_dot_product_attention(qp[:, None], kp[:, None], v[:, None], scale=1.0)[:, 0]
+            # zeros add nothing to q.k; equal head sizes and contiguous rows are what the flash kernels take
+            # (otherwise SDPA falls back to the math path, which keeps the N x N matrix)
+            pad = max(0, v.shape[-1] - q.shape[-1])
+            q, k = F.pad(q, (0, pad)), F.pad(k, (0, pad))
+            out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None].contiguous(), scale=1.0)[:, 0]
         return self.gamma * out.transpose(1, 2).reshape(b, c, h, w) + x
 
     @staticmethod
