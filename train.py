@@ -12,10 +12,12 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from zoo.callbacks import AtomicCheckpointIO, reliability_callbacks
 from zoo.errors import ZooError
 from zoo.runner import build_task, flat_metrics, prepare_data, print_metrics_table, write_metrics
+from zoo.weights import safe_load
 
 log = logging.getLogger("zoo.train")
 
@@ -42,9 +44,48 @@ def build_loggers(cfg: DictConfig) -> list:
     return [instantiate(node) for node in (cfg.get("logger") or {}).values() if node and "_target_" in node]
 
 
+def find_latest_run(root: str | Path) -> Path | None:
+    """The newest ``<run>/checkpoints/last.ckpt`` under ``root`` (the runs of one task_name)."""
+    found = [p for p in Path(root).glob("**/checkpoints/last.ckpt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def resolve_resume(cfg: DictConfig) -> str | None:
+    """``ckpt_path=last``: this run directory's last.ckpt; ``resume=latest``: the newest last.ckpt of
+    this task_name under ``resume_root``, whose run directory the resumed run then writes into.
+    Neither found: a warning and a fresh start (so a requeue script can always pass them)."""
+    ckpt, resume = cfg.get("ckpt_path"), cfg.get("resume")
+    if resume not in (None, "latest"):
+        raise ZooError(f"resume={resume!r}: the only value is 'latest' (or give ckpt_path=PATH|last)")
+    if resume == "latest":
+        if ckpt:
+            raise ZooError("give either resume=latest or ckpt_path, not both")
+        last = find_latest_run(cfg.resume_root)
+        if last is None:
+            log.warning("resume=latest: no checkpoints/last.ckpt under %s; starting a new run", cfg.resume_root)
+            return None
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(last.parent.parent)
+        log.info("resume=latest: continuing %s in %s", last, cfg.paths.output_dir)
+        ckpt = str(last)
+    elif ckpt == "last":
+        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            log.warning("ckpt_path=last: no %s yet; starting a new run", last)
+            return None
+        ckpt = str(last)
+    if ckpt:  # refused here, with the zoo's message, if its pickle would run code
+        stored = (safe_load(ckpt).get("hyper_parameters") or {}).get("model") or {}
+        if stored.get("name") not in (None, cfg.model.name):
+            raise ZooError(f"{ckpt} is a checkpoint of {stored.get('name')!r}, not of model={cfg.model.name!r}; "
+                           "resume with the model (or experiment) it was trained with")
+    return ckpt
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test; returns the flat test metrics (also written to metrics.json)."""
     L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resolve_resume(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
@@ -53,10 +94,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     prepare_data(dm, cfg.model.name)
     task = build_task(container(cfg.model), dm, optim=container(cfg.optim), init_from=cfg.get("init_from"))
 
-    callbacks = build_callbacks(cfg, task.monitor, task.monitor_mode)
+    callbacks = build_callbacks(cfg, task.monitor, task.monitor_mode) + reliability_callbacks()
     trainer = L.Trainer(**container(cfg.trainer), callbacks=callbacks, logger=build_loggers(cfg) or False,
-                        default_root_dir=str(out_dir))
-    trainer.fit(task, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+                        default_root_dir=str(out_dir), plugins=[AtomicCheckpointIO()])
+    trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     if not cfg.get("test", True):
         return {}
 

