@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -11,10 +12,15 @@ from zoo.errors import DataFormatError
 
 FEATUREBAGS_LAYOUT = """\
 root/
-  pt_files/<bag_id>.pt      float tensor N x D (torch.save)
+  pt_files/<bag_id>.pt      float tensor N x D (torch.save)            (CLAM's layout)
   h5_files/<bag_id>.h5      datasets 'features' N x D, optional 'coords' N x 2
   labels.csv                header bag_id,label[,split]; split in train/val/test
+                            (CLAM/ACMIL columns slide_id and split_info are read too)
+or ACMIL's single HDF5 file (data.h5_file=FILE): one group per slide with datasets 'feat' N x D,
+'coords' N x 2 and attribute 'label'; splits from data.split_file (split_<seed>.json with
+train_names/val_names/test_names) or a CSV's split column.
 """
+ALIASES = {"slide_id": "bag_id", "split_info": "split"}  # CLAM / ACMIL CSV column names
 SPLITS = ("train", "val", "test")
 
 
@@ -41,10 +47,12 @@ def read_bag_table(path: Path) -> tuple[list[str], list[str], list[str] | None]:
         rows = list(csv.DictReader(f))
     if not rows:
         raise DataFormatError(f"{path} has no rows; expected a header bag_id,label[,split]")
-    cols = {c.strip() for c in rows[0] if c is not None}
+    cols = {ALIASES.get(c.strip(), c.strip()) for c in rows[0] if c is not None}
     if not {"bag_id", "label"} <= cols:
-        raise DataFormatError(f"{path} has columns {sorted(cols)}; expected bag_id,label[,split]")
-    rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k is not None} for r in rows]
+        raise DataFormatError(f"{path} has columns {sorted(cols)}; expected bag_id,label[,split] "
+                              "(or CLAM's slide_id,label[,split_info])")
+    rows = [{ALIASES.get(k.strip(), k.strip()): (v or "").strip() for k, v in r.items() if k is not None}
+            for r in rows]
     ids = [r["bag_id"] for r in rows]
     dup = sorted({b for b in ids if ids.count(b) > 1}) if len(set(ids)) != len(ids) else []
     if dup:
@@ -129,3 +137,50 @@ class FeatureBagDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.features(i), self.labels[i]
+
+
+def read_h5_groups(path: Path) -> tuple[list[str], list[str]]:
+    """ACMIL's single HDF5 file: slide names (its groups) and their ``label`` attributes."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            ids = list(f.keys())
+            missing = [k for k in ids if "label" not in f[k].attrs or "feat" not in f[k]]
+            labels = [str(int(f[k].attrs["label"])) for k in ids if k not in missing]
+    except OSError as err:
+        raise DataFormatError(f"cannot read {path} ({err}): truncated or not an HDF5 file; re-create it") from err
+    if missing:
+        raise DataFormatError(f"{path}: groups {missing[:3]} lack a 'feat' dataset or a 'label' attribute "
+                              "(ACMIL layout: <slide>/feat, <slide>/coords, attrs['label'])")
+    if not ids:
+        raise DataFormatError(f"{path} has no slide groups")
+    return ids, labels
+
+
+class H5GroupBagDataset(FeatureBagDataset):
+    """Bags from ACMIL's single HDF5 file (``<slide>/feat``, ``<slide>/coords``); items ``(float [N, D], label)``."""
+
+    def __init__(self, path: Path, bag_ids: list[str], labels: list[int], in_dim: int | None = None):
+        self.path, self.root = Path(path), Path(path).parent
+        self.bag_ids, self.labels, self.in_dim = list(bag_ids), list(labels), in_dim
+        self.files = [self.path] * len(self.bag_ids)
+
+    def _read(self, i: int, key: str):
+        import h5py
+
+        with h5py.File(self.path, "r") as f:  # opened per read: safe across DataLoader workers
+            group = f[self.bag_ids[i]]
+            return group[key][()] if key in group else None
+
+    def features(self, i: int) -> torch.Tensor:
+        x = torch.from_numpy(self._read(i, "feat"))
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise DataFormatError(f"{self.path}:{self.bag_ids[i]}/feat has shape {tuple(x.shape)}; expected N x D, N > 0")
+        if self.in_dim is not None and x.shape[1] != self.in_dim:
+            raise DataFormatError(f"{self.path}:{self.bag_ids[i]}: feature size {x.shape[1]}, other bags have {self.in_dim}")
+        return x.float()
+
+    def coords(self, i: int) -> torch.Tensor | None:
+        c = self._read(i, "coords")
+        return None if c is None or np.ndim(c) != 2 else torch.from_numpy(c)

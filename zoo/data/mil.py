@@ -12,14 +12,29 @@ import torch
 
 from zoo.errors import DatasetNotFoundError, DataFormatError
 
-from .bags import FEATUREBAGS_LAYOUT, FeatureBagDataset, collate_bags, encode_labels, read_bag_table
+from .bags import (
+    FEATUREBAGS_LAYOUT,
+    FeatureBagDataset,
+    H5GroupBagDataset,
+    collate_bags,
+    encode_labels,
+    read_bag_table,
+    read_h5_groups,
+)
 from .common import DIGITS_MEAN, DIGITS_STD, ZooDataModule, require_dir, split_indices
 from .embedded import BAG_CLASSES, DigitBagsDataset, _digit_arrays, load_digits_tensor, make_digit_bags
 
 
 class MILDataModule(ZooDataModule):
     """``dataset``: ``digit_bags`` (embedded MNIST-bags protocol on scikit-learn digits) or
-    ``featurebags`` (``root/pt_files/<bag>.pt`` or ``root/h5_files/<bag>.h5`` + ``labels`` CSV)."""
+    ``featurebags``: CLAM's ``root/pt_files/<bag>.pt`` or ``root/h5_files/<bag>.h5`` + a ``labels`` CSV, or
+    ACMIL's single HDF5 file (``h5_file``: a group per slide, labels in its attributes).
+
+    Splits, first that applies: ``split_file`` (ACMIL/CLAM JSON ``{"train_names", "val_names",
+    "test_names"}``, e.g. CAMELYON16 ``split_1.json``); the CSV's ``split`` / ``split_info`` column;
+    for ``h5_file`` without either, ACMIL's rule (slides named ``*test*`` are the test set); otherwise
+    seeded stratified splits (``val_fraction``, ``test_fraction``).
+    """
 
     task = "mil"
     DATASETS = {
@@ -54,6 +69,8 @@ class MILDataModule(ZooDataModule):
         num_train: int = 400,
         num_val: int = 100,
         num_test: int = 200,
+        h5_file: str | None = None,
+        split_file: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -78,28 +95,71 @@ class MILDataModule(ZooDataModule):
         path = Path(given).expanduser()
         return path if path.is_absolute() or path.exists() else self.root / path
 
+    def _path(self, given: str) -> Path:
+        path = Path(given).expanduser()
+        return path if path.is_absolute() or path.exists() else self.root / path
+
     def _read_table(self):
         if self._table is None:
+            hp = self.hparams
             require_dir(self.root, "featurebags", FEATUREBAGS_LAYOUT)
-            if not self.labels_csv.is_file():
-                raise DatasetNotFoundError(
-                    f"featurebags: labels CSV not found: {self.labels_csv}\nExpected layout:\n{FEATUREBAGS_LAYOUT}"
-                )
-            ids, raw, splits = read_bag_table(self.labels_csv)
-            if self.hparams.label_map:  # e.g. BRACS' 7 subtypes -> 3 classes
-                lm = {str(k): str(v) for k, v in self.hparams.label_map.items()}
+            splits = None
+            if hp.h5_file:  # ACMIL: labels from the file; a CSV (e.g. bracs.csv) only for its split column
+                h5 = self._path(hp.h5_file)
+                if not h5.is_file():
+                    raise DatasetNotFoundError(f"featurebags: data.h5_file not found: {h5}\nExpected layout:\n"
+                                               f"{FEATUREBAGS_LAYOUT}")
+                ids, raw = read_h5_groups(h5)
+                if self.labels_csv.is_file():
+                    csv_ids, _, csv_splits = read_bag_table(self.labels_csv)
+                    if csv_splits is not None:
+                        where = dict(zip(csv_ids, csv_splits))
+                        missing = [b for b in ids if b not in where]
+                        if missing:
+                            raise DataFormatError(f"{self.labels_csv} gives no split for slides {missing[:3]} of {h5}")
+                        splits = [where[b] for b in ids]
+                if splits is None and any("test" in b for b in ids):
+                    splits = ["test" if "test" in b else "train" for b in ids]  # ACMIL's CAMELYON16 rule
+            else:
+                if not self.labels_csv.is_file():
+                    raise DatasetNotFoundError(
+                        f"featurebags: labels CSV not found: {self.labels_csv}\nExpected layout:\n{FEATUREBAGS_LAYOUT}"
+                    )
+                ids, raw, splits = read_bag_table(self.labels_csv)
+            if hp.split_file:
+                splits = self._splits_from_json(ids)
+            if hp.label_map:  # e.g. BRACS' 7 subtypes -> 3 classes
+                lm = {str(k): str(v) for k, v in hp.label_map.items()}
                 unknown = sorted(set(raw) - set(lm))
                 if unknown:
-                    raise DataFormatError(f"{self.labels_csv}: labels {unknown[:5]} are not in data.label_map")
+                    raise DataFormatError(f"labels {unknown[:5]} are not in data.label_map")
                 raw = [lm[v] for v in raw]
             y, names = encode_labels(raw)
-            if self.hparams.class_names:
-                if len(self.hparams.class_names) != len(names):
-                    raise DataFormatError(f"data.class_names has {len(self.hparams.class_names)} names "
+            if hp.class_names:
+                if len(hp.class_names) != len(names):
+                    raise DataFormatError(f"data.class_names has {len(hp.class_names)} names "
                                           f"but the labels give {len(names)} classes")
-                names = list(self.hparams.class_names)
+                names = list(hp.class_names)
             self._table = (ids, y, splits, names)
         return self._table
+
+    def _splits_from_json(self, ids: list[str]) -> list[str]:
+        """ACMIL / CLAM split file: ``{"train_names": [...], "val_names": [...], "test_names": [...]}``."""
+        import json
+
+        path = self._path(self.hparams.split_file)
+        if not path.is_file():
+            raise DatasetNotFoundError(f"data.split_file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+            where = {b: s for s in ("train", "val", "test") for b in data[f"{s}_names"]}
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise DataFormatError(f"{path}: expected JSON with train_names, val_names, test_names ({err})") from err
+        unknown = sorted(set(where) - set(ids))
+        if unknown:
+            raise DataFormatError(f"{path} names bags that do not exist: {unknown[:3]}")
+        # bags the file does not list take part in no split (ACMIL drops them too)
+        return [where.get(b, "unused") for b in ids]
 
     def _load_classes(self) -> list[str]:
         if self.hparams.dataset == "digit_bags":
@@ -113,7 +173,7 @@ class MILDataModule(ZooDataModule):
             return None
         if self._in_dim is None:
             ids, y, *_ = self._read_table()
-            self._in_dim = FeatureBagDataset(self.root, ids[:1], y[:1]).features(0).shape[1]
+            self._in_dim = self._dataset(ids[:1], y[:1]).features(0).shape[1]
         return self._in_dim
 
     def model_kwargs(self) -> dict:
@@ -150,6 +210,11 @@ class MILDataModule(ZooDataModule):
             sets.append(DigitBagsDataset(x, digits, bags, labels, hp.target_digit))
         self.train_set, self.val_set, self.test_set = sets
 
+    def _dataset(self, ids: list[str], y: list[int]) -> FeatureBagDataset:
+        if self.hparams.h5_file:
+            return H5GroupBagDataset(self._path(self.hparams.h5_file), ids, y)
+        return FeatureBagDataset(self.root, ids, y)
+
     def _build_featurebags(self) -> None:
         hp = self.hparams
         ids, y, splits, names = self._read_table()
@@ -169,10 +234,7 @@ class MILDataModule(ZooDataModule):
             "val": given["val"] if len(given["val"]) else pool[va],
             "test": given["test"] if len(given["test"]) else pool[te],
         }
-        made = {
-            s: FeatureBagDataset(self.root, [ids[i] for i in idx], [y[i] for i in idx])
-            for s, idx in parts.items()
-        }
+        made = {s: self._dataset([ids[i] for i in idx], [y[i] for i in idx]) for s, idx in parts.items()}
         for ds in made.values():
             ds.in_dim = self.in_dim
         self.train_set, self.val_set, self.test_set = made["train"], made["val"], made["test"]
