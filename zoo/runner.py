@@ -37,7 +37,8 @@ def prepare_data(dm: Any, model_name: str, img_size: int | None = None, mean=Non
 def data_info(dm: Any) -> dict:
     """What a checkpoint must remember of the data to preprocess the same way later."""
     spacing = (getattr(dm, "hparams", None) or {}).get("spacing")  # segmentation: pixel size for distances
-    return ({"spacing": spacing} if spacing is not None else {}) | {
+    inference = getattr(dm, "inference", None)  # segmentation: whole-image or sliding-window evaluation
+    return ({"spacing": spacing} if spacing is not None else {}) | ({"inference": inference} if inference else {}) | {
         "dataset": getattr(dm, "dataset", None) or dm.hparams.get("dataset"),
         "img_size": getattr(dm, "img_size", None),
         "mean": list(dm.mean) if getattr(dm, "mean", None) is not None else None,

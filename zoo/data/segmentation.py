@@ -15,6 +15,7 @@ from zoo.errors import DatasetNotFoundError
 from .common import IMAGENET_MEAN, IMAGENET_STD, ZooDataModule, require_dir, split_indices
 from .embedded import SHAPE_CLASSES, ShapesDataset, make_shapes
 from .folders import SEGFOLDER_LAYOUT, SegFolderDataset, scan_segfolder
+from .standard_seg import STANDARD_SEG, read_standard_seg
 
 IGNORE_INDEX = 255
 SHAPES_SIZE = 64  # scenes are drawn at 64 px and resized per item if the model wants more
@@ -26,12 +27,20 @@ class SegmentationDataModule(ZooDataModule):
     ``root/{split}/Img/*`` + ``root/{split}/GT/*``; needs ``num_classes``; ``value_map`` maps grey
     levels to class ids, unmapped values -> 255). Augmentation of folders: ``crop_scale`` (random
     resized crop; ``null`` = plain resize), horizontal flip, ``vflip``, ``rotate_degrees``, all joint.
-    ``spacing`` (pixel size, (row, column) or one number) scales the test surface distances."""
+    ``spacing`` (pixel size, (row, column) or one number) scales the test surface distances.
+
+    Standard datasets (``zoo.data.standard_seg``): ``ade20k``, ``pet_trimaps`` from their published layouts.
+    ``eval_resize``: ``square`` (default: val/test resized to ``img_size`` squared), ``short_side`` (short
+    side to ``img_size``, aspect kept; val/test batches of one) or ``none`` (native size, batches of one).
+    ``inference``: ``{mode: whole}`` or ``{mode: slide, crop: 512, stride: 341}``, read by the segmentation
+    task at validation and test time."""
 
     task = "segmentation"
     DATASETS = {
         "shapes": dict(img_size=SHAPES_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD),
         "segfolder": dict(img_size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        "ade20k": dict(img_size=512, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        "pet_trimaps": dict(img_size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD),
     }
 
     def __init__(
@@ -57,11 +66,17 @@ class SegmentationDataModule(ZooDataModule):
         crop_scale: tuple | None = (0.5, 1.0),
         vflip: bool = False,
         spacing: float | list | None = None,
+        eval_resize: str = "square",
+        inference: dict | None = None,
         num_train: int = 1000,
         num_val: int = 200,
         num_test: int = 200,
     ) -> None:
         super().__init__()
+        if dataset in STANDARD_SEG:  # fixed by the dataset, resolved before saving (as shapes below)
+            num_classes = STANDARD_SEG[dataset].num_classes
+        if eval_resize not in ("square", "short_side", "none"):
+            raise ValueError(f"eval_resize must be 'square', 'short_side' or 'none', got {eval_resize!r}")
         if dataset == "shapes":
             if num_classes not in (None, len(SHAPE_CLASSES)):
                 raise ValueError(f"shapes has {len(SHAPE_CLASSES)} classes {SHAPE_CLASSES}, not {num_classes}")
@@ -78,8 +93,33 @@ class SegmentationDataModule(ZooDataModule):
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class_names for num_classes={num_classes}")
 
+    @property
+    def inference(self) -> dict | None:
+        return dict(self.hparams.inference) if self.hparams.inference else None
+
+    def _standard(self):
+        if getattr(self, "_std_splits", None) is None:
+            hp = self.hparams
+            if hp.root is None:
+                spec = STANDARD_SEG[hp.dataset]
+                raise DatasetNotFoundError(f"dataset={hp.dataset} needs data.root=PATH\nExpected layout under it:\n"
+                                           f"{spec.layout}\nHow to get it: {spec.get}")
+            self._std_splits = read_standard_seg(hp.dataset, Path(hp.root), download=hp.download)
+        return self._std_splits
+
+    def _loader(self, dataset, train: bool):
+        if train or self.hparams.eval_resize == "square":
+            return super()._loader(dataset, train)
+        from torch.utils.data import DataLoader  # images keep their own sizes: one per batch
+
+        hp = self.hparams
+        return DataLoader(dataset, batch_size=1, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
+                          collate_fn=type(self).collate_fn)
+
     def _load_classes(self) -> list[str]:
         hp = self.hparams
+        if hp.dataset in STANDARD_SEG and not hp.class_names:
+            return list(self._standard().classes)
         if hp.dataset == "shapes":
             return list(SHAPE_CLASSES)
         return [str(c) for c in hp.class_names] if hp.class_names else [f"class_{i}" for i in range(hp.num_classes)]
@@ -89,7 +129,9 @@ class SegmentationDataModule(ZooDataModule):
         """Joint transforms; ``native`` is the stored size of already-square data (shapes)."""
         hp, s = self.hparams, self.img_size
         augment = train and hp.augment
-        if native is None:  # photos of any size and aspect
+        if native is None and not train and hp.eval_resize != "square":  # evaluation at (near) native size
+            ops = [v2.Resize(s, antialias=True)] if hp.eval_resize == "short_side" else []
+        elif native is None:  # photos of any size and aspect
             if augment and hp.crop_scale:
                 ops = [v2.RandomResizedCrop(s, scale=tuple(hp.crop_scale), antialias=True), v2.RandomHorizontalFlip()]
             else:
@@ -108,7 +150,9 @@ class SegmentationDataModule(ZooDataModule):
 
     # ------------------------------------------------------------------ datasets
     def _build(self) -> None:
-        if self.hparams.dataset == "shapes":
+        if self.hparams.dataset in STANDARD_SEG:
+            self._build_standard_seg()
+        elif self.hparams.dataset == "shapes":
             self._build_shapes()
         else:
             self._build_segfolder()
@@ -149,3 +193,15 @@ class SegmentationDataModule(ZooDataModule):
         self.train_set = SegFolderDataset(pairs["train"], transform=self._transforms(True), **kw)
         self.val_set = SegFolderDataset(pairs["val"], transform=self._transforms(False), **kw)
         self.test_set = SegFolderDataset(pairs["test"], transform=self._transforms(False), **kw)
+
+    def _build_standard_seg(self) -> None:
+        hp, sp = self.hparams, self._standard()
+        train, val = sp.train, sp.val
+        if val is None:  # a seeded part of the official training set validates; test = the official split
+            tr, va, _ = split_indices(len(train), None, need_val=True, need_test=False,
+                                      val_fraction=hp.val_fraction, test_fraction=hp.test_fraction, seed=hp.seed)
+            train, val = [sp.train[i] for i in tr], [sp.train[i] for i in va]
+        kw = dict(num_classes=hp.num_classes, value_map=hp.value_map or sp.value_map, in_chans=self.in_chans)
+        self.train_set = SegFolderDataset(train, transform=self._transforms(True), **kw)
+        self.val_set = SegFolderDataset(val, transform=self._transforms(False), **kw)
+        self.test_set = SegFolderDataset(sp.test, transform=self._transforms(False), **kw)

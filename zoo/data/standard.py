@@ -58,14 +58,13 @@ def _lines(path: Path, name: str) -> list[list[str]]:
     return [ln.split() for ln in _need(path, name).read_text().splitlines() if ln.strip()]
 
 
-def _check_files(samples: Samples, name: str) -> Samples:
-    """A half-copied dataset fails here, naming a missing image, instead of mid-epoch."""
+def _check_files(samples: Samples, name: str, get: str | None = None) -> Samples:
+    """A half-copied dataset fails here, naming a missing file, instead of mid-epoch."""
     missing = [p for p, _ in samples if not Path(p).is_file()]
     if missing:
-        spec = STANDARD[name]
         raise DatasetNotFoundError(
-            f"{name}: {len(missing)} of {len(samples)} listed images are missing, e.g. {missing[0]}.\n"
-            f"The dataset looks partly downloaded or unpacked. How to get it: {spec.get}"
+            f"{name}: {len(missing)} of {len(samples)} listed files are missing, e.g. {missing[0]}.\n"
+            f"The dataset looks partly downloaded or unpacked. How to get it: {get or STANDARD[name].get}"
         )
     return samples
 

@@ -116,9 +116,13 @@ class ZooTask(L.LightningModule):
             self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
         return loss
 
+    def eval_forward(self, x: torch.Tensor, **kw: Any) -> torch.Tensor:
+        """Logits for validation / test (segmentation overrides it with sliding-window inference)."""
+        return self.net(x, **kw)
+
     def _eval_step(self, batch: Any, stage: str) -> None:
         x, y, kw = self.unpack(batch)
-        logits = self.net(x, **kw)
+        logits = self.eval_forward(x, **kw)
         self.log(f"{stage}/loss", self.criterion(logits, y), prog_bar=stage == "val", batch_size=y.shape[0], sync_dist=True)
         self.update_metrics(self.metrics[stage], logits, y)
 

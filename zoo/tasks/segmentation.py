@@ -109,10 +109,48 @@ class SegmentationMetrics(nn.Module):
             self.surface.reset()
 
 
+def slide_inference(net: nn.Module, x: torch.Tensor, crop: int, stride: int, num_classes: int) -> torch.Tensor:
+    """Sliding-window logits (mmseg's ``slide`` mode): ``crop`` x ``crop`` windows every ``stride`` pixels,
+    the last window flush with the border, overlapping logits averaged; images smaller than ``crop`` are
+    zero-padded to it and the padding is cut off again. ``x: [B, C, H, W]`` -> ``[B, num_classes, H, W]``."""
+    B, _, H, W = x.shape
+    ph, pw = max(crop - H, 0), max(crop - W, 0)
+    if ph or pw:
+        x = nn.functional.pad(x, (0, pw, 0, ph))
+    Hp, Wp = x.shape[-2:]
+    out = x.new_zeros(B, num_classes, Hp, Wp)
+    count = x.new_zeros(1, 1, Hp, Wp)
+    rows = sorted({min(r, Hp - crop) for r in range(0, max(Hp - crop, 0) + stride, stride)})
+    cols = sorted({min(c, Wp - crop) for c in range(0, max(Wp - crop, 0) + stride, stride)})
+    for r in rows:
+        for c in cols:
+            out[:, :, r:r + crop, c:c + crop] += net(x[:, :, r:r + crop, c:c + crop])
+            count[:, :, r:r + crop, c:c + crop] += 1
+    return (out / count)[:, :, :H, :W]
+
+
 class SegmentationTask(ZooTask):
+    """``inference`` (from the datamodule, else the training data's ``data_info``): ``{"mode": "whole"}``
+    (default: the net sees the whole image) or ``{"mode": "slide", "crop": 512, "stride": 341}`` (ADE20K's
+    usual sliding window)."""
+
     task = "segmentation"
     monitor = "val/miou"
     monitor_mode = "max"
+
+    def inference(self) -> dict:
+        dm = getattr(getattr(self, "_trainer", None), "datamodule", None)
+        given = getattr(dm, "inference", None) or (self.hparams.get("data_info") or {}).get("inference")
+        return dict(given or {"mode": "whole"})
+
+    def eval_forward(self, x: torch.Tensor, **kw) -> torch.Tensor:
+        inf = self.inference()
+        if inf.get("mode", "whole") == "whole":
+            return self.net(x, **kw)
+        if inf["mode"] != "slide":
+            raise ValueError(f"data.inference.mode must be 'whole' or 'slide', got {inf['mode']!r}")
+        crop = int(inf["crop"])
+        return slide_inference(self.net, x, crop, int(inf.get("stride", crop * 2 // 3)), self.hparams.num_classes)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
