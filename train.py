@@ -109,6 +109,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     write_metrics(metrics, out_dir / "metrics.json", cfg.get("metrics_file"))
     if trainer.is_global_zero:
         print_metrics_table(metrics, title=f"{cfg.model.name} on {cfg.data.dataset}: test metrics")
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if cfg.get("test_last", True) and ckpt and last.is_file() and Path(ckpt).resolve() != last.resolve():
+        # the last epoch too, next to the best-on-validation one (metrics.json): metrics_last.json
+        last_metrics = flat_metrics(trainer.test(task, datamodule=dm, ckpt_path=str(last), weights_only=True,
+                                                 verbose=False))
+        write_metrics(last_metrics, out_dir / "metrics_last.json")
+        if trainer.is_global_zero:
+            print_metrics_table(last_metrics, title=f"{cfg.model.name} on {cfg.data.dataset}: test metrics, last epoch")
     return metrics
 
 

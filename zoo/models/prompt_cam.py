@@ -24,7 +24,12 @@ The model, as in the code:
   patches; the code is followed). ``rank_heads`` is ``prune_attn_heads``: each round blur the remaining
   head whose blurring leaves the target probability highest, until ``top_traits`` remain; the survivors
   are returned in ascending order of their last-round score (most important first). O(H^2) passes of the
-  last block only: the tokens entering it do not depend on the blurring, so they are computed once.
+  last block only: the tokens entering it do not depend on the blurring, so they are computed once
+  (ViT-B, 12 heads, top 4, one image on 1 CPU thread: 9.7 s here vs 137 s for the code's full passes).
+  Same survivors as the code; their ORDER differs where the code's ``zip(remaining_head_scores,
+  remaining_head_list)`` pairs heads with the wrong scores (the score list still holds the head pruned in
+  that round): here each survivor is sorted by its own score (side by side, nano shape, 8 images: same
+  survivors 8/8, same order as the correctly paired official scores 8/8, as the code's zip 2/8).
 
 Documented choices and deviations:
 - VPT-Shallow (``vpt_mode='shallow'``): one set of ``C`` prompts prepended before block 0 and carried
@@ -40,9 +45,12 @@ Documented choices and deviations:
 - Weights: ``pretrained=True`` (timm hub), ``pretrained_file=`` (timm / DINO / DINOv2 backbone file, an
   official Prompt-CAM checkpoint: ``vpt.prompt_embeddings`` -> ``prompts``, or a zoo file; see
   :func:`checkpoint_filter_fn`), ``backbone_ckpt=`` (a ViT checkpoint trained by the zoo, e.g. ``vit_nano``).
-- Side by side with the official ``VisionTransformerPETL`` (same weights through the filter, eval mode,
-  ViT-B/16 DINO shape, 200 classes, 224 px, batch 2): max |logit difference| 4e-6 (fused SDPA here vs the
-  code's explicit softmax).
+- Side by side with the official ``VisionTransformerPETL`` (random weights saved as its
+  ``{'model_state_dict': ...}`` and loaded here through ``pretrained_file=`` / :func:`checkpoint_filter_fn`,
+  eval mode, batch 2): max |logit difference| 1.8e-6 (ViT-B/16 DINO, 200 classes), 4.8e-7 (DINOv2 ViT-B/14
+  at 224, 37 classes), 3.3e-5 (nano shape, 10 classes, weights perturbed by N(0, 0.3)); trait maps 1.5e-8,
+  blurred logits 1.6e-6. Trainable parameters for 200 classes on ViT-B: 1,843,969 in both (12 x 200 x 768
+  prompts + 769 head).
 """
 from __future__ import annotations
 
