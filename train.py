@@ -6,12 +6,14 @@ wraps it in the task's LightningModule, fits, tests the best checkpoint and writ
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from zoo.callbacks import AtomicCheckpointIO, reliability_callbacks
@@ -127,6 +129,8 @@ def main(cfg: DictConfig) -> None:
     except ZooError as e:
         log.error("%s", e)
         sys.exit(2)
+    except SIGTERMException:  # pre-empted: last.ckpt is saved; a non-zero status tells the scheduler
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -114,3 +114,89 @@ def test_atomic_checkpoint_write_keeps_previous_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temp file left behind
+
+
+# ---------------------------------------------------------------- safe loading and export
+class RunsCode:
+    """A pickle whose loading would run a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def malicious_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"model": {"name": "halonet_tiny"}}, "x": RunsCode(marker)}, path)
+    return path, marker
+
+
+@pytest.mark.parametrize("where", ["ckpt_path", "init_from", "evaluate", "pretrained_file", "explain", "export"])
+def test_code_running_pickle_is_refused(where, compose_cfg, tmp_path):
+    from zoo.errors import WeightsError
+
+    evil, marker = malicious_checkpoint(tmp_path)
+    with pytest.raises(WeightsError, match="refused to load .*evil.ckpt"):
+        if where == "evaluate":
+            from evaluate import evaluate
+
+            evaluate(compose_cfg("evaluate", [f"ckpt_path={evil}", "trainer=debug"]))
+        elif where == "pretrained_file":
+            import zoo
+
+            zoo.create_model("halonet_tiny", pretrained_file=str(evil))
+        elif where == "explain":
+            from zoo.explain import load_net_from_checkpoint
+
+            load_net_from_checkpoint(evil)
+        elif where == "export":
+            from zoo.export import export
+
+            export(evil, "safetensors", tmp_path / "out.safetensors")
+        else:
+            from train import train
+
+            train(compose_cfg("train", [*TINY, f"{where}={evil}"]))
+    assert not marker.exists()
+
+
+def tiny_checkpoint(tmp_path: Path, name: str, kwargs: dict, img_size: int | None) -> Path:
+    import zoo
+
+    torch.manual_seed(0)
+    net = zoo.create_model(name, num_classes=3, **kwargs)
+    path = tmp_path / f"{name}.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                "hyper_parameters": {"model": {"name": name, "kwargs": kwargs}, "num_classes": 3,
+                                     "data_info": {"img_size": img_size}}}, path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torchscript", "onnx"])
+@pytest.mark.parametrize("name,kwargs,size", [("halonet_tiny", {}, 32), ("abmil", {"in_dim": 16}, None)])
+def test_export_formats_reproduce_outputs(fmt, name, kwargs, size, tmp_path):
+    from zoo.__main__ import main
+
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    ckpt = tiny_checkpoint(tmp_path, name, kwargs, size)
+    out = tmp_path / f"net.{fmt}"
+    assert main(["export", str(ckpt), "--format", fmt, "--out", str(out)]) == 0  # checks outputs itself
+    assert out.is_file()
+    if fmt == "safetensors":  # loadable without the zoo's pickles, with the model named in its metadata
+        from safetensors import safe_open
+
+        with safe_open(str(out), "pt") as f:
+            assert f.metadata()["zoo_model"] == name
+
+
+def test_export_rejects_unfaithful_output(tmp_path, monkeypatch):
+    from zoo.export import ExportError, export
+
+    ckpt = tiny_checkpoint(tmp_path, "abmil", {"in_dim": 16}, None)
+    monkeypatch.setattr(torch.jit, "load", lambda p: (lambda x: torch.zeros(x.shape[0], 3)))
+    with pytest.raises(ExportError, match="outputs differ"):
+        export(ckpt, "torchscript", tmp_path / "net.pt")

@@ -266,7 +266,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description="Attention Zoo: list, inspect, benchmark and explain models.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{list,info,bench,explain,extract-features}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{list,info,bench,explain,extract-features,export}")
 
     s = sub.add_parser("list", help="registered models, with task, parameters and input size")
     s.add_argument("pattern", nargs="?", default="*", help="wildcard over names, e.g. 'halonet*'")
@@ -338,7 +338,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_extract_features)
+
+    s = sub.add_parser("export", help="write a checkpoint's net as safetensors, ONNX or TorchScript (output-checked)")
+    s.add_argument("ckpt", metavar="CKPT", help="a zoo (Lightning) checkpoint, e.g. outputs/.../best-epoch019.ckpt")
+    s.add_argument("--format", required=True, choices=("safetensors", "onnx", "torchscript"))
+    s.add_argument("--out", required=True, help="output file")
+    s.add_argument("--atol", type=float, default=1e-4, help="tolerance of the output equality check")
+    s.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    s.set_defaults(func=cmd_export)
     return p
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    r = export(args.ckpt, args.format, args.out, atol=args.atol, rtol=args.atol, opset=args.opset)
+    _console().print(f"wrote {r['out']} ({r['format']}, {r['model']}); outputs on a random {r['input_shape']} "
+                     f"input match the checkpoint's net within {r['max_abs_diff']:.2g}", soft_wrap=True)
+    return 0
 
 
 def cmd_table(args: argparse.Namespace) -> int:

@@ -1,0 +1,149 @@
+"""Export a trained zoo net for use elsewhere: safetensors weights, ONNX or TorchScript.
+
+``python -m zoo export CKPT --format safetensors|onnx|torchscript --out PATH``
+
+Every export is checked: the written file is loaded back (``safetensors`` into a freshly built
+net, ONNX through onnxruntime, TorchScript through ``torch.jit.load``) and its outputs on a random
+input are compared with the checkpoint's net; a difference beyond the tolerance is an error.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ZooError
+from .registry import create_model, get_spec
+
+FORMATS = ("safetensors", "onnx", "torchscript")
+
+
+class ExportError(ZooError, RuntimeError):
+    pass
+
+
+def example_input(name: str, model_kwargs: dict, data_info: dict, batch: int = 2, bag: int = 7) -> torch.Tensor:
+    """A random input the net accepts: its training image size and channels, or a feature bag."""
+    spec = get_spec(name)
+    if spec.task == "mil":
+        if "in_dim" in model_kwargs:
+            return torch.randn(batch, bag, int(model_kwargs["in_dim"]))
+        size = int(data_info.get("img_size") or spec.input_size[-1])
+        chans = int(model_kwargs.get("in_chans") or spec.input_size[0])
+        return torch.randn(batch, bag, chans, size, size)
+    size = int(data_info.get("img_size") or spec.input_size[-1])
+    chans = int(model_kwargs.get("in_chans") or spec.input_size[0])
+    return torch.randn(batch, chans, size, size)
+
+
+def _compare(what: str, ours: torch.Tensor, theirs: torch.Tensor, atol: float, rtol: float) -> float:
+    theirs = torch.as_tensor(theirs).to(ours.dtype)
+    if theirs.shape != ours.shape:
+        raise ExportError(f"{what}: output shape {tuple(theirs.shape)} differs from the net's {tuple(ours.shape)}")
+    diff = float((ours - theirs).abs().max()) if ours.numel() else 0.0
+    if not torch.allclose(ours, theirs, atol=atol, rtol=rtol):
+        raise ExportError(f"{what}: outputs differ from the checkpoint's net by up to {diff:.3g} "
+                          f"(tolerance atol={atol}, rtol={rtol}); the export is not faithful")
+    return diff
+
+
+def export(ckpt: str | Path, fmt: str, out: str | Path, *, atol: float = 1e-4, rtol: float = 1e-4,
+           opset: int = 17) -> dict[str, Any]:
+    """Write the net of zoo checkpoint ``ckpt`` as ``fmt`` to ``out``; returns the check's numbers."""
+    from .explain import load_net_from_checkpoint
+
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    net, hp = load_net_from_checkpoint(ckpt)
+    model = hp["model"] if isinstance(hp.get("model"), dict) else {"name": hp.get("model"), "kwargs": {}}
+    name, kwargs = model["name"], dict(model.get("kwargs") or {})
+    data_info = dict(hp.get("data_info") or {})
+    net = net.eval()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    x = example_input(name, kwargs, data_info)
+    with torch.no_grad():
+        ref = net(x)
+    if fmt == "safetensors":
+        diff = _export_safetensors(net, name, kwargs, hp, data_info, out, x, ref, atol, rtol)
+    elif fmt == "torchscript":
+        diff = _export_torchscript(net, out, x, ref, atol, rtol)
+    else:
+        diff = _export_onnx(net, out, x, ref, atol, rtol, opset)
+    return {"format": fmt, "out": str(out), "model": name, "input_shape": list(x.shape),
+            "output_shape": list(ref.shape), "max_abs_diff": diff}
+
+
+def _export_safetensors(net, name, kwargs, hp, data_info, out, x, ref, atol, rtol) -> float:
+    from safetensors.torch import load_file, save_file
+
+    # safetensors refuses tensors that share memory (tied weights): store each once, contiguous
+    sd = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+    meta = {"zoo_model": name, "zoo_kwargs": json.dumps(kwargs), "num_classes": str(hp.get("num_classes")),
+            "data_info": json.dumps(data_info)}
+    save_file(sd, str(out), metadata=meta)
+    fresh = create_model(name, num_classes=hp.get("num_classes"), **kwargs).eval()
+    fresh.load_state_dict(load_file(str(out)), strict=True)
+    with torch.no_grad():
+        return _compare("safetensors", ref, fresh(x), atol, rtol)
+
+
+class _Traceable(nn.Module):
+    """Tracing and ONNX take a plain ``forward(x) -> tensor`` (MIL nets: a bag without padding mask)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _export_torchscript(net, out, x, ref, atol, rtol) -> float:
+    try:
+        with torch.no_grad():
+            scripted = torch.jit.trace(_Traceable(net), x, check_trace=False)
+    except Exception as e:  # noqa: BLE001 - data-dependent control flow, unsupported ops
+        raise ExportError(f"torchscript: tracing failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+    scripted.save(str(out))
+    loaded = torch.jit.load(str(out))
+    x2 = torch.randn(x.shape[0] + 1, *x.shape[1:])  # a trace must not have baked in the batch size
+    with torch.no_grad():
+        return max(_compare("torchscript", ref, loaded(x), atol, rtol),
+                   _compare("torchscript (batch+1)", net(x2), loaded(x2), atol, rtol))
+
+
+def _export_onnx(net, out, x, ref, atol, rtol, opset) -> float:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("--format onnx needs onnxruntime to check the export: pip install onnx onnxruntime") from None
+    axes = {0: "batch", 1: "bag"} if x.ndim in (3, 5) else {0: "batch"}  # MIL: any bag length too
+    errors = []
+    with torch.no_grad():
+        try:  # torch.export-based (needs onnxscript): handles HaloNet's unfold with a dynamic batch
+            import onnxscript  # noqa: F401
+
+            dims = {i: torch.export.Dim(n, min=2 if n == "batch" else 1) for i, n in axes.items()}
+            torch.onnx.export(_Traceable(net), (x,), str(out), input_names=["x"], output_names=["logits"],
+                              dynamo=True, dynamic_shapes={"x": dims}, opset_version=max(opset, 18))
+        except Exception as e:  # noqa: BLE001 - not installed, or an op torch.export cannot capture
+            errors.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__)
+            try:  # the TorchScript-based exporter
+                out_axes = {0: "batch"}
+                torch.onnx.export(_Traceable(net), (x,), str(out), input_names=["x"], output_names=["logits"],
+                                  dynamic_axes={"x": axes, "logits": out_axes}, opset_version=opset, dynamo=False)
+            except Exception as e2:  # noqa: BLE001
+                errors.append(f"{type(e2).__name__}: {str(e2).splitlines()[0][:200]}")
+                raise ExportError(f"onnx: export failed ({'; '.join(errors)})") from None
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    diff = _compare("onnx", ref, torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), atol, rtol)
+    x2 = torch.randn(x.shape[0] + 1, *x.shape[1:])  # the batch axis is really dynamic
+    with torch.no_grad():
+        ref2 = net(x2)
+    return max(diff, _compare("onnx (batch+1)", ref2, torch.from_numpy(session.run(None, {"x": x2.numpy()})[0]), atol, rtol))
