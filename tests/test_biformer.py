@@ -175,3 +175,26 @@ def test_official_checkpoint_loads(tmp_path, wrap):
     # the segmenter takes an official classification checkpoint as its encoder
     seg = zoo.create_model("biformer_fpn_nano", num_classes=3, pretrained_file=str(path))
     torch.testing.assert_close(seg.encoder.stages[0].blocks[0].attn.qkv.weight, src.stages[0].blocks[0].attn.qkv.weight)
+
+
+def test_semantic_fpn_head_matches_mmseg_structure():
+    """biformer_small_fpn: mmseg's FPN neck (256) + FPNHead (128): 1, 1, 2, 3 conv rounds for strides 4..32."""
+    from zoo.models.fpn import SemanticFPN
+
+    head = SemanticFPN([64, 128, 256, 512], 150)
+    convs = [sum(isinstance(m, torch.nn.Conv2d) for m in h.modules()) for h in head.scale_heads]
+    assert convs == [1, 1, 2, 3]
+    feats = [torch.randn(1, c, 128 // s, 128 // s) for c, s in zip([64, 128, 256, 512], [4, 8, 16, 32])]
+    assert head(feats).shape == (1, 150, 32, 32)
+    neck = sum(p.numel() for n, p in head.named_parameters() if n.startswith(("lateral", "fpn_convs")))
+    assert neck == sum(c * 256 + 256 for c in [64, 128, 256, 512]) + 4 * (256 * 256 * 9 + 256)
+
+
+def test_classification_weights_initialise_the_fpn_encoder(tmp_path):
+    torch.manual_seed(0)
+    cls = zoo.create_model("biformer_nano", num_classes=10)
+    torch.save(cls.state_dict(), tmp_path / "nano.pth")
+    seg = zoo.create_model("biformer_fpn_nano", num_classes=3, pretrained_file=str(tmp_path / "nano.pth"))
+    for k, v in seg.encoder.state_dict().items():
+        if not k.startswith(("head.", "norm.")):
+            assert torch.equal(v, cls.state_dict()[k]), k

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -105,17 +106,24 @@ class FeatureBagDataset(Dataset):
 
     def features(self, i: int) -> torch.Tensor:
         path = self.files[i]
-        if path.suffix == ".pt":
-            x = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(x, torch.Tensor):
-                raise DataFormatError(f"{path} holds a {type(x).__name__}; expected a tensor N x D")
-        else:
-            import h5py
+        try:
+            if path.suffix == ".pt":
+                x = torch.load(path, map_location="cpu", weights_only=True)
+                if not isinstance(x, torch.Tensor):
+                    raise DataFormatError(f"{path} holds a {type(x).__name__}; expected a tensor N x D")
+            else:
+                import h5py
 
-            with h5py.File(path, "r") as f:
-                if "features" not in f:
-                    raise DataFormatError(f"{path} has no 'features' dataset (has {list(f)})")
-                x = torch.from_numpy(f["features"][()])
+                with h5py.File(path, "r") as f:
+                    if "features" not in f:
+                        raise DataFormatError(f"{path} has no 'features' dataset (has {list(f)})")
+                    x = torch.from_numpy(f["features"][()])
+        except (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
+            if isinstance(e, DataFormatError):
+                raise
+            # truncated h5 / pt, or a pickle that wants to run code: name the file, not torch's internals
+            raise DataFormatError(f"bag {self.bag_ids[i]!r}: cannot read {path} ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); is it truncated or corrupt?") from None
         if x.numel() == 0:
             raise DataFormatError(f"bag {self.bag_ids[i]!r} is empty (0 instances in {path})")
         if x.ndim == 3 and x.shape[0] == 1:  # some pipelines save [1, N, D]

@@ -1,6 +1,7 @@
 """On-disk formats users already have: ImageFolder trees, image/mask trees, CIFAR pickles."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +16,8 @@ from torchvision.transforms.v2 import functional as TF
 from zoo.errors import DataFormatError, DatasetNotFoundError
 
 from .common import IMG_EXTENSIONS
+
+log = logging.getLogger("zoo.data")
 
 IMAGEFOLDER_LAYOUT = """\
 root/
@@ -66,20 +69,54 @@ def scan_imagefolder(split_dir: Path, classes: list[str]) -> list[tuple[str, int
     return samples
 
 
-class ImageList(Dataset):
+BAD_IMAGES = ("skip", "error")
+
+
+class SkipsUnreadable:
+    """``bad_images='skip'``: an image PIL cannot read (corrupt, truncated, not an image) is replaced
+    by the next readable item and logged with a running count; ``'error'``: a DataFormatError naming
+    the file. The count is per process (each DataLoader worker logs its own)."""
+
+    bad_images = "skip"
+
+    def _check_policy(self, bad_images: str) -> None:
+        if bad_images not in BAD_IMAGES:
+            raise ValueError(f"bad_images must be one of {BAD_IMAGES}, got {bad_images!r}")
+        self.bad_images, self.skipped = bad_images, set()
+
+    def _unreadable(self, path, error: Exception, i: int) -> int:
+        why = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        if self.bad_images == "error":
+            raise DataFormatError(f"cannot read image {path} ({why}); fix or remove it, or set "
+                                  "data.bad_images=skip to skip unreadable images") from None
+        if str(path) not in self.skipped:
+            self.skipped.add(str(path))
+            log.warning("skipped unreadable image %s (%s); %d skipped so far", path, why, len(self.skipped))
+        if len(self.skipped) >= len(self):
+            raise DataFormatError(f"none of the {len(self)} images could be read (last: {path}: {why})")
+        return (i + 1) % len(self)
+
+
+class ImageList(SkipsUnreadable, Dataset):
     """(path, label) samples read with PIL; ``targets`` for stratified splits."""
 
-    def __init__(self, samples, transform: Callable | None = None, in_chans: int = 3):
+    def __init__(self, samples, transform: Callable | None = None, in_chans: int = 3, bad_images: str = "skip"):
         self.samples = list(samples)
         self.targets = [t for _, t in self.samples]
         self.transform, self.in_chans = transform, in_chans
+        self._check_policy(bad_images)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        path, target = self.samples[i]
-        img = open_image(path, self.in_chans)
+        while True:
+            path, target = self.samples[i]
+            try:
+                img = open_image(path, self.in_chans)
+                break
+            except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError, truncated file
+                i = self._unreadable(path, e, i)
         if self.transform is not None:
             img = self.transform(img)
         return img, target
@@ -141,21 +178,34 @@ def read_mask(path: Path, lut: np.ndarray | None, num_classes: int) -> np.ndarra
     return arr.astype(np.uint8)
 
 
-class SegFolderDataset(Dataset):
+class SegFolderDataset(SkipsUnreadable, Dataset):
     """(image, mask) pairs from disk; joint v2 transforms see a ``tv_tensors.Mask``."""
 
-    def __init__(self, pairs, *, num_classes: int, value_map=None, in_chans: int = 3, transform=None):
+    def __init__(self, pairs, *, num_classes: int, value_map=None, in_chans: int = 3, transform=None,
+                 bad_images: str = "skip"):
         self.pairs = list(pairs)
         self.num_classes, self.in_chans, self.transform = num_classes, in_chans, transform
         self.lut = mask_lut(value_map, num_classes)
+        self._check_policy(bad_images)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int):
-        img_path, mask_path = self.pairs[i]
-        img = open_image(img_path, self.in_chans)
-        mask = read_mask(mask_path, self.lut, self.num_classes)
+        while True:
+            img_path, mask_path = self.pairs[i]
+            try:
+                img = open_image(img_path, self.in_chans)
+            except (OSError, SyntaxError, ValueError) as e:
+                i = self._unreadable(img_path, e, i)
+                continue
+            try:
+                mask = read_mask(mask_path, self.lut, self.num_classes)
+                break
+            except DataFormatError:
+                raise
+            except (OSError, SyntaxError, ValueError) as e:
+                i = self._unreadable(mask_path, e, i)
         if mask.shape != (img.height, img.width):
             raise DataFormatError(
                 f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {img_path} is "

@@ -60,7 +60,7 @@ from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
 from torch import nn
 
 from ..registry import register_model
-from .fpn import FPNDecoder
+from .fpn import FPNDecoder, SemanticFPN
 
 PAPER = "Zhu et al., BiFormer: Vision Transformer with Bi-Level Routing Attention, CVPR 2023"
 SOURCE = "zoo rewrite of rayleizhu/BiFormer@1697bbbe (models/biformer.py, ops/bra_legacy.py)"
@@ -359,15 +359,20 @@ class BiFormerFPN(nn.Module):
     segmentation backbone). ``forward(x) -> [B, num_classes, H, W]``."""
 
     def __init__(self, *, num_classes: int = 21, in_chans: int = 3, decoder_channels: int = 64,
-                 dropout: float = 0.1, encoder: dict | None = None):
+                 dropout: float = 0.1, encoder: dict | None = None, decoder: str = "light"):
         super().__init__()
         self.num_classes = num_classes
         self.encoder = BiFormer(in_chans=in_chans, num_classes=0, **(encoder or {}))
         self.encoder.norm = nn.Identity()  # the classifier's final BN is unused by dense heads
         dims = self.encoder.embed_dims
         self.out_norms = nn.ModuleList(LayerNorm2d(c) for c in dims)
-        self.decoder = FPNDecoder(dims, decoder_channels)
-        self.head = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(decoder_channels, num_classes, 1))
+        if decoder == "mmseg":  # the official sfpn configs: FPN neck 256 + FPNHead 128
+            self.decoder, self.head = SemanticFPN(list(dims), num_classes, dropout=dropout), nn.Identity()
+        elif decoder == "light":
+            self.decoder = FPNDecoder(dims, decoder_channels)
+            self.head = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(decoder_channels, num_classes, 1))
+        else:
+            raise ValueError(f"decoder must be 'light' or 'mmseg', got {decoder!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = [norm(f) for norm, f in zip(self.out_norms, self.encoder.forward_intermediates(x))]
@@ -375,7 +380,7 @@ class BiFormerFPN(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     def get_classifier(self) -> nn.Module:
-        return self.head
+        return self.decoder.cls_seg if isinstance(self.head, nn.Identity) else self.head
 
     def freeze_backbone(self) -> None:
         self.encoder.requires_grad_(False)
@@ -452,3 +457,18 @@ def biformer_fpn_nano(pretrained: bool = False, **kwargs) -> BiFormerFPN:
         raise ValueError("biformer_fpn_nano has no published weights; use pretrained_file=")
     kwargs["encoder"] = {**NANO, **(kwargs.get("encoder") or {})}
     return BiFormerFPN(**kwargs)
+
+
+@register_model(task="segmentation", input_size=(3, 512, 512), min_size=32, paper=PAPER, checkpoint_filter=checkpoint_filter,
+                source=SOURCE + " (semantic_segmentation/configs/ade20k/sfpn.biformer_small.py); mmseg Semantic FPN",
+                meta=dict(weights="ImageNet BiFormer-S encoder (`pretrained_file=`)", miou=48.9,
+                          dataset="ade20k@512, 80k iters"))
+def biformer_small_fpn(pretrained: bool = False, **kwargs) -> BiFormerFPN:
+    """BiFormer-S + Semantic FPN for ADE20K as the official sfpn config: n_win 8 at 512 (auto-padded for
+    other sizes), drop path 0.15, LayerNorm2d per stage output, FPN neck 256 + FPNHead 128."""
+    if pretrained:
+        raise ValueError("biformer_small_fpn has no published weights here; start the encoder from ImageNet "
+                         "weights with pretrained_file=biformer_small.pth (the classifier is dropped)")
+    enc = dict(depths=(4, 4, 18, 4), embed_dims=(64, 128, 256, 512), n_win=8, drop_path_rate=0.15)
+    kwargs["encoder"] = {**enc, **(kwargs.get("encoder") or {})}
+    return BiFormerFPN(**{"decoder": "mmseg", **kwargs})

@@ -39,6 +39,39 @@ class FPNDecoder(nn.Module):
         return sum(F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs)
 
 
+class SemanticFPN(nn.Module):
+    """mmseg's Semantic FPN exactly as the BiFormer / PVT / UniFormer ADE20K configs use it: an FPN neck
+    (1x1 laterals to ``neck_channels``, top-down nearest upsampling and sum, a plain 3x3 conv per level,
+    no norm or activation) and ``FPNHead`` (per level, ``log2(stride / 4)`` rounds of 3x3 conv-BN-ReLU to
+    ``channels`` + 2x bilinear upsampling, one conv without upsampling for stride 4; summed; dropout 0.1
+    and a 1x1 classifier). Input: features at strides 4, 8, 16, 32; output: logits at stride 4."""
+
+    def __init__(self, in_channels: list[int], num_classes: int, *, neck_channels: int = 256,
+                 channels: int = 128, dropout: float = 0.1):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, neck_channels, 1) for c in in_channels)
+        self.fpn_convs = nn.ModuleList(nn.Conv2d(neck_channels, neck_channels, 3, padding=1) for _ in in_channels)
+        self.scale_heads = nn.ModuleList()
+        for i in range(len(in_channels)):
+            layers: list[nn.Module] = []
+            for j in range(max(1, i)):  # strides 4, 8, 16, 32 -> 1, 1, 2, 3 convs; upsample after each but level 0
+                layers.append(conv_bn_relu(neck_channels if j == 0 else channels, channels))
+                if i > 0:
+                    layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            self.scale_heads.append(nn.Sequential(*layers))
+        self.cls_seg = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(channels, num_classes, 1))
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        lat = [conv(f) for conv, f in zip(self.lateral, feats)]
+        for i in range(len(lat) - 1, 0, -1):
+            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")
+        outs = [conv(x) for conv, x in zip(self.fpn_convs, lat)]
+        x = self.scale_heads[0](outs[0])
+        for head, o in zip(self.scale_heads[1:], outs[1:]):
+            x = x + F.interpolate(head(o), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.cls_seg(x)
+
+
 class FPNSegmenter(nn.Module):
     """``forward(x [B, C, H, W]) -> logits [B, num_classes, H, W]``."""
 
