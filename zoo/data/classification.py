@@ -83,6 +83,7 @@ class ClassificationDataModule(ZooDataModule):
         verify_checksums: bool = True,
         resize_ratio: float | None = None,
         timm_aug: dict | None = None,
+        bad_images: str = "skip",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -212,9 +213,10 @@ class ClassificationDataModule(ZooDataModule):
             "test": scan_imagefolder(root / "test", classes) if has["test"] else [train[i] for i in te],
         }
         c = self.in_chans
-        self.train_set = ImageList(splits["train"], self._folder_transforms(True), c)
-        self.val_set = ImageList(splits["val"], self._folder_transforms(False), c)
-        self.test_set = ImageList(splits["test"], self._folder_transforms(False), c)
+        b = self.hparams.bad_images
+        self.train_set = ImageList(splits["train"], self._folder_transforms(True), c, bad_images=b)
+        self.val_set = ImageList(splits["val"], self._folder_transforms(False), c, bad_images=b)
+        self.test_set = ImageList(splits["test"], self._folder_transforms(False), c, bad_images=b)
         self._classes = classes
 
     def _standard_splits(self):
@@ -229,7 +231,8 @@ class ClassificationDataModule(ZooDataModule):
             tr, va, _ = self._split([t for _, t in train], need_test=False)
             train, val = [sp.train[i] for i in tr], [sp.train[i] for i in va]
         c = self.in_chans
-        self.train_set = ImageList(train, self._folder_transforms(True), c)
-        self.val_set = ImageList(val, self._folder_transforms(False), c)
-        self.test_set = ImageList(sp.test, self._folder_transforms(False), c)
+        b = self.hparams.bad_images
+        self.train_set = ImageList(train, self._folder_transforms(True), c, bad_images=b)
+        self.val_set = ImageList(val, self._folder_transforms(False), c, bad_images=b)
+        self.test_set = ImageList(sp.test, self._folder_transforms(False), c, bad_images=b)
         self._classes = sp.classes

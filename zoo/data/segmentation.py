@@ -68,6 +68,7 @@ class SegmentationDataModule(ZooDataModule):
         spacing: float | list | None = None,
         eval_resize: str = "square",
         inference: dict | None = None,
+        bad_images: str = "skip",
         num_train: int = 1000,
         num_val: int = 200,
         num_test: int = 200,
@@ -189,7 +190,7 @@ class SegmentationDataModule(ZooDataModule):
             "val": scan_segfolder(root / "val") if has["val"] else [train[i] for i in va],
             "test": scan_segfolder(root / "test") if has["test"] else [train[i] for i in te],
         }
-        kw = dict(num_classes=hp.num_classes, value_map=hp.value_map, in_chans=self.in_chans)
+        kw = dict(num_classes=hp.num_classes, value_map=hp.value_map, in_chans=self.in_chans, bad_images=hp.bad_images)
         self.train_set = SegFolderDataset(pairs["train"], transform=self._transforms(True), **kw)
         self.val_set = SegFolderDataset(pairs["val"], transform=self._transforms(False), **kw)
         self.test_set = SegFolderDataset(pairs["test"], transform=self._transforms(False), **kw)
@@ -201,7 +202,8 @@ class SegmentationDataModule(ZooDataModule):
             tr, va, _ = split_indices(len(train), None, need_val=True, need_test=False,
                                       val_fraction=hp.val_fraction, test_fraction=hp.test_fraction, seed=hp.seed)
             train, val = [sp.train[i] for i in tr], [sp.train[i] for i in va]
-        kw = dict(num_classes=hp.num_classes, value_map=hp.value_map or sp.value_map, in_chans=self.in_chans)
+        kw = dict(num_classes=hp.num_classes, value_map=hp.value_map or sp.value_map, in_chans=self.in_chans,
+                  bad_images=hp.bad_images)
         self.train_set = SegFolderDataset(train, transform=self._transforms(True), **kw)
         self.val_set = SegFolderDataset(val, transform=self._transforms(False), **kw)
         self.test_set = SegFolderDataset(sp.test, transform=self._transforms(False), **kw)
