@@ -118,19 +118,21 @@ def _attn_out(attn: nn.Module, o: torch.Tensor) -> torch.Tensor:
 
 
 def _chunked_attention_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                             chunk_elems: int = 1 << 21) -> tuple[torch.Tensor, torch.Tensor]:
+                             chunk_elems: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention without gradient, ``(out [B, H, n, d], head-mean probabilities [B, n, n] fp32)``,
-    computed over blocks of query rows so that each block's probabilities stay cache-sized (at 448 px on a
-    CPU this is ~2x faster than one [B, H, n, n] softmax; fused SDPA cannot return the probabilities)."""
+    computed per image over blocks of query rows so that each block's probabilities (``H x rows x n``, about
+    1 MB) stay in cache: at 448 px on one CPU core this runs at roughly the speed of the fused SDPA kernel,
+    ~2-3x faster than one [B, H, n, n] softmax (the fused kernel cannot return the probabilities)."""
     B, H, n, _ = q.shape
-    rows = max(16, chunk_elems // (B * H * n))
+    rows = max(16, chunk_elems // (H * n))
     out = torch.empty_like(q)
     probs = torch.empty(B, n, n, device=q.device, dtype=torch.float32)
     kt, qs = k.transpose(-2, -1), q * scale
-    for i in range(0, n, rows):
-        p = (qs[:, :, i:i + rows] @ kt).softmax(-1)
-        out[:, :, i:i + rows] = p @ v
-        probs[:, i:i + rows] = p.float().mean(1)
+    for b in range(B):
+        for i in range(0, n, rows):
+            p = (qs[b, :, i:i + rows] @ kt[b]).softmax(-1)  # [H, rows, n]
+            out[b, :, i:i + rows] = p @ v[b]
+            probs[b, i:i + rows] = p.float().mean(0)
     return out, probs
 
 
