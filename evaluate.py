@@ -15,7 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from train import build_loggers, container
+from train import build_loggers, check_config, container
 from zoo.errors import ZooError
 from zoo.runner import flat_metrics, load_task, prepare_data, print_metrics_table, write_metrics
 
@@ -69,6 +69,7 @@ def _explain_bags(net, dm, bags, mask, max_images):
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    check_config(cfg, training=False)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -82,8 +83,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     trainer = L.Trainer(**container(cfg.trainer), logger=build_loggers(cfg) or False,
                         callbacks=[L.pytorch.callbacks.RichProgressBar()], default_root_dir=str(out_dir))
     metrics = flat_metrics(trainer.test(task, datamodule=dm, verbose=False))
-    write_metrics(metrics, out_dir / "metrics.json", cfg.get("metrics_file"))
     if trainer.is_global_zero:
+        write_metrics(metrics, out_dir / "metrics.json", cfg.get("metrics_file"))
         print_metrics_table(metrics, title=f"{task.hparams.model['name']} ({Path(cfg.ckpt_path).name}): test metrics")
         if cfg.get("explain"):
             paths = explain(task, dm, cfg.explain_dir, cfg.explain_images)

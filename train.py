@@ -13,12 +13,14 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from zoo.callbacks import AtomicCheckpointIO, reliability_callbacks
 from zoo.errors import ZooError
 from zoo.runner import build_task, flat_metrics, prepare_data, print_metrics_table, write_metrics
+from zoo.validate import check_run_config
 from zoo.weights import safe_load
 
 log = logging.getLogger("zoo.train")
@@ -44,6 +46,13 @@ def build_callbacks(cfg: DictConfig, monitor: str, mode: str) -> list:
 
 def build_loggers(cfg: DictConfig) -> list:
     return [instantiate(node) for node in (cfg.get("logger") or {}).values() if node and "_target_" in node]
+
+
+def check_config(cfg: DictConfig, training: bool = True) -> None:
+    sections = {k: container(cfg.get(k)) for k in ("data", "model", "trainer", "optim") if cfg.get(k) is not None}
+    if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
+        raise ZooError(f"seed={cfg.get('seed')!r} has the wrong type; seed takes an int")
+    check_run_config(sections, training=training)
 
 
 def find_latest_run(root: str | Path) -> Path | None:
@@ -86,11 +95,13 @@ def resolve_resume(cfg: DictConfig) -> str | None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test; returns the flat test metrics (also written to metrics.json)."""
+    check_config(cfg)  # unknown keys, wrong types: named before anything is built or loaded
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_resume(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    if rank_zero_only.rank == 0:  # DDP: every rank runs this script; one writes
+        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
 
     dm = instantiate(cfg.data, _convert_="all")
     prepare_data(dm, cfg.model.name)
@@ -108,16 +119,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = flat_metrics(results)
     if ckpt:
         log.info("tested best checkpoint %s", ckpt)
-    write_metrics(metrics, out_dir / "metrics.json", cfg.get("metrics_file"))
-    if trainer.is_global_zero:
+    if trainer.is_global_zero:  # metrics are synced across ranks already; one rank writes them
+        write_metrics(metrics, out_dir / "metrics.json", cfg.get("metrics_file"))
         print_metrics_table(metrics, title=f"{cfg.model.name} on {cfg.data.dataset}: test metrics")
     last = out_dir / "checkpoints" / "last.ckpt"
     if cfg.get("test_last", True) and ckpt and last.is_file() and Path(ckpt).resolve() != last.resolve():
         # the last epoch too, next to the best-on-validation one (metrics.json): metrics_last.json
         last_metrics = flat_metrics(trainer.test(task, datamodule=dm, ckpt_path=str(last), weights_only=True,
                                                  verbose=False))
-        write_metrics(last_metrics, out_dir / "metrics_last.json")
         if trainer.is_global_zero:
+            write_metrics(last_metrics, out_dir / "metrics_last.json")
             print_metrics_table(last_metrics, title=f"{cfg.model.name} on {cfg.data.dataset}: test metrics, last epoch")
     return metrics
 

@@ -200,3 +200,119 @@ def test_export_rejects_unfaithful_output(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.jit, "load", lambda p: (lambda x: torch.zeros(x.shape[0], 3)))
     with pytest.raises(ExportError, match="outputs differ"):
         export(ckpt, "torchscript", tmp_path / "net.pt")
+
+
+# ---------------------------------------------------------------- bad input
+def _png(path: Path, size=(8, 8), value=0) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", size, value).save(path)
+    return path
+
+
+def test_unreadable_images_skipped_with_count_or_error(tmp_path, caplog):
+    from zoo.data.folders import ImageList
+    from zoo.errors import DataFormatError
+
+    good = _png(tmp_path / "good.png")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:30])
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"not an image at all")
+    samples = [(str(truncated), 0), (str(good), 1), (str(garbage), 2)]
+
+    ds = ImageList(samples, in_chans=1)
+    with caplog.at_level("WARNING", logger="zoo.data"):
+        items = [ds[i] for i in range(3)] + [ds[0]]
+    assert [t for _, t in items] == [1, 1, 1, 1]  # each bad one replaced by the next readable
+    assert ds.skipped == {str(truncated), str(garbage)}
+    assert "truncated.png" in caplog.text and "2 skipped so far" in caplog.text
+
+    strict = ImageList(samples, in_chans=1, bad_images="error")
+    with pytest.raises(DataFormatError, match="truncated.png"):
+        strict[0]
+
+
+def test_mask_of_other_size_names_both_files(tmp_path):
+    from zoo.data.folders import SegFolderDataset
+    from zoo.errors import DataFormatError
+
+    img, mask = _png(tmp_path / "images" / "a.png", (8, 8)), _png(tmp_path / "masks" / "a.png", (8, 6))
+    with pytest.raises(DataFormatError) as e:
+        SegFolderDataset([(img, mask)], num_classes=2)[0]
+    assert str(img) in str(e.value) and str(mask) in str(e.value)
+
+
+def test_bad_bags_name_the_file(tmp_path):
+    import h5py
+
+    from zoo.data.bags import FeatureBagDataset
+    from zoo.errors import DataFormatError
+
+    (tmp_path / "pt_files").mkdir()
+    (tmp_path / "h5_files").mkdir()
+    torch.save(torch.randn(4, 8), tmp_path / "pt_files" / "ok.pt")
+    torch.save(torch.zeros(0, 8), tmp_path / "pt_files" / "empty.pt")
+    torch.save(torch.randn(4, 5), tmp_path / "pt_files" / "narrow.pt")
+    evil, marker = malicious_checkpoint(tmp_path)
+    (tmp_path / "pt_files" / "evil.pt").write_bytes(evil.read_bytes())
+    with h5py.File(tmp_path / "h5_files" / "cut.h5", "w") as f:
+        f["features"] = torch.randn(64, 8).numpy()
+    whole = (tmp_path / "h5_files" / "cut.h5").read_bytes()
+    (tmp_path / "h5_files" / "cut.h5").write_bytes(whole[: len(whole) // 2])
+
+    ds = FeatureBagDataset(tmp_path, ["ok", "empty", "narrow", "cut", "evil"], [0] * 5, in_dim=8)
+    assert ds[0][0].shape == (4, 8)
+    for i, (name, why) in enumerate([("empty.pt", "empty"), ("narrow.pt", "feature size 5"),
+                                     ("cut.h5", "truncated or corrupt"), ("evil.pt", "cannot read")], start=1):
+        with pytest.raises(DataFormatError, match=why) as e:
+            ds[i]
+        assert name in str(e.value)
+    assert not marker.exists()
+    with pytest.raises(DataFormatError, match="missing") as e:
+        FeatureBagDataset(tmp_path, ["ok", "nowhere"], [0, 1])
+    assert "nowhere.pt" in str(e.value)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(compose_cfg, tmp_path):
+    from zoo.callbacks import NonFiniteLossError
+
+    from train import train
+
+    run = tmp_path / "run"
+    nan = ["+callbacks.nan._target_=interrupt_helpers.NaNLossAt", "+callbacks.nan.step=4"]
+    sys.path.insert(0, str(ROOT / "tests"))
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 4 \(epoch 1, batch 1\)") as e:
+        train(compose_cfg("train", [*TINY, *nan], out_dir=run))
+    assert str(run / "checkpoints") in str(e.value)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert not (run / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+data.img_sz=32", "unknown config key data.img_sz. Did you mean img_size"),
+    ("data.batch_size=abc", "data.batch_size='abc' has the wrong type"),
+    ("+optim.lrr=0.1", "unknown config key optim.lrr. Did you mean lr"),
+    ("+trainer.max_epoch=3", "Did you mean max_epochs"),
+    ("data.dataset=digitz", "choose one of .*digits"),
+    ("+model.kwargz={}", "Valid keys of model: freeze_backbone, kwargs, name"),
+])
+def test_config_errors_name_key_and_choices_before_data_loads(override, message, compose_cfg, tmp_path):
+    from zoo.validate import ConfigError
+
+    from train import train
+
+    # the data folder does not exist: the config error must come first
+    cfg = compose_cfg("train", ["data=imagefolder", f"data.root={tmp_path / 'missing'}", override])
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+
+
+def test_every_experiment_passes_config_check(compose_cfg):
+    from train import check_config
+
+    for exp in sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")):
+        check_config(compose_cfg("train", [f"experiment={exp}"]))
+        check_config(compose_cfg("evaluate", [f"experiment={exp}", "ckpt_path=x.ckpt"]), training=False)

@@ -1,0 +1,147 @@
+"""Check a run's config before anything is built or loaded: every key must exist and every value
+must have the right type, else a :class:`ConfigError` naming the key and the valid choices.
+
+Works on plain dicts (``OmegaConf.to_container``); ``train.py``/``evaluate.py`` call
+:func:`check_run_config` first thing.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import types
+import typing
+from typing import Any, Callable
+
+from .errors import ZooError
+
+
+class ConfigError(ZooError, ValueError):
+    pass
+
+
+MODEL_KEYS = {"name": str, "kwargs": dict, "pretrained": bool, "pretrained_file": (str, type(None)),
+              "freeze_backbone": bool}
+
+
+def _import(target: str) -> Any:
+    import importlib
+
+    module, _, attr = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"_target_ {target!r} cannot be imported ({e})") from None
+
+
+def _hints(fn: Callable) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+    sig = inspect.signature(fn)
+    params = {n: p for n, p in sig.parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL,)}
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    params = {n: p for n, p in params.items() if p.kind != p.VAR_KEYWORD}
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: check names only
+        hints = {}
+    return params, hints, var_kw
+
+
+def _accepts(tp: Any, value: Any) -> bool:
+    """Whether a config value (plain python from YAML) fits annotation ``tp``; unknown types pass."""
+    if tp is Any or tp is inspect.Parameter.empty:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(t, value) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    base = origin or tp
+    if base is bool:
+        return isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is str:
+        return isinstance(value, str)
+    if base in (list, tuple, typing.Sequence) or (isinstance(base, type) and base.__name__ == "Sequence"):
+        return isinstance(value, (list, tuple))
+    if base in (dict, typing.Mapping):
+        return isinstance(value, dict)
+    return True  # paths, callables, objects: left to the constructor
+
+
+def _type_name(tp: Any) -> str:
+    text = getattr(tp, "__name__", None) if not typing.get_args(tp) else None
+    return text or str(tp).replace("typing.", "")
+
+
+def _unknown(section: str, key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key {section}.{key}.{hint} Valid keys of {section}: {', '.join(sorted(valid))}")
+
+
+def check_kwargs(section: str, fn: Callable, values: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
+    """Every key of ``values`` is a parameter of ``fn`` with a value of its annotated type."""
+    params, hints, var_kw = _hints(fn)
+    for key, value in values.items():
+        if key in skip or key.startswith("_"):
+            continue
+        if key not in params:
+            if var_kw:
+                continue
+            raise _unknown(section, key, list(params))
+        tp = hints.get(key, params[key].annotation)
+        if not _accepts(tp, value):
+            raise ConfigError(f"{section}.{key}={value!r} has the wrong type ({type(value).__name__}); "
+                              f"{section}.{key} takes {_type_name(tp)}")
+
+
+def check_choice(section: str, key: str, value: Any, choices: list | tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{section}.{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+
+
+def check_run_config(cfg: dict[str, Any], *, training: bool = True) -> None:
+    """Validate the sections of a composed train/evaluate config (a plain dict)."""
+    import lightning as L
+
+    from .data.common import ZooDataModule
+    from .registry import get_spec
+
+    data = dict(cfg.get("data") or {})
+    target = data.get("_target_")
+    if not target:
+        raise ConfigError("data has no _target_; pick a data config: data=digits, data=imagefolder, ...")
+    dm_cls = _import(target)
+    check_kwargs("data", dm_cls.__init__, data)
+    if isinstance(dm_cls, type) and issubclass(dm_cls, ZooDataModule) and dm_cls.DATASETS and "dataset" in data:
+        check_choice("data", "dataset", data["dataset"], sorted(dm_cls.DATASETS))
+
+    model = dict(cfg.get("model") or {})
+    for key, value in model.items():
+        if key not in MODEL_KEYS:
+            raise _unknown("model", key, list(MODEL_KEYS))
+        if not isinstance(value, MODEL_KEYS[key]) and not (key == "kwargs" and value is None):
+            raise ConfigError(f"model.{key}={value!r} has the wrong type ({type(value).__name__})")
+    if "name" in model:
+        get_spec(model["name"])  # UnknownModelError with close matches
+
+    trainer = dict(cfg.get("trainer") or {})
+    check_kwargs("trainer", L.Trainer.__init__, trainer, skip=("callbacks", "logger", "plugins", "default_root_dir"))
+
+    if training and cfg.get("optim") is not None:
+        from .tasks.base import DEFAULT_OPTIM
+
+        for key, value in dict(cfg["optim"]).items():
+            if key not in DEFAULT_OPTIM and key != "nesterov":
+                raise _unknown("optim", key, [*DEFAULT_OPTIM, "nesterov"])
+            default = DEFAULT_OPTIM.get(key)
+            if key == "name":
+                check_choice("optim", "name", str(value).lower(), ("adamw", "sgd"))
+            elif isinstance(default, (int, float)) and not isinstance(default, bool):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"optim.{key}={value!r} has the wrong type ({type(value).__name__}); "
+                                      "it takes a number")
