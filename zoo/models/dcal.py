@@ -514,28 +514,28 @@ def _create(pretrained: bool, timm_name: str | None, **kwargs: Any) -> DCAL:
 
 
 _SPEC = dict(task="classification", paper=PAPER, size_divisor=16, min_size=16, checkpoint_filter=checkpoint_filter_fn)
-_NOTE = ("paper Table 1 top-1 at 448 px (baseline -> DCAL); GLCA: +9% params, +2% FLOPs on DeiT-T; "
-         "params_m / gflops: this implementation at 224 px, 1000 classes")
+_NOTE = "paper Table 1 top-1 at 448 px (baseline_* = the backbone alone); GLCA: +9% params, +2% FLOPs on DeiT-T"
+_DS = "top-1 CUB / Cars / Aircraft @448"
 
 
 @register_model(input_size=(3, 224, 224), source="zoo (timm ViT); backbone timm:deit_tiny_patch16_224 (IN-1k)",
-                meta=dict(params_m=6.356, gflops=1.28, cub_top1=84.6, cars_top1=89.4, aircraft_top1=87.4,
-                          baseline_cub_top1=82.1, note=_NOTE), **_SPEC)
+                meta=dict(weights="timm DeiT-T backbone (`pretrained=true`)", cub_top1=84.6, cars_top1=89.4,
+                          aircraft_top1=87.4, baseline_cub_top1=82.1, dataset=_DS, note=_NOTE), **_SPEC)
 def dcal_deit_tiny(pretrained: bool = False, **kwargs: Any) -> DCAL:
     return _create(pretrained, "deit_tiny_patch16_224", **{**dict(embed_dim=192, depth=12, num_heads=3), **kwargs})
 
 
 @register_model(input_size=(3, 224, 224), source="zoo (timm ViT); backbone timm:deit_small_patch16_224 (IN-1k)",
-                meta=dict(params_m=24.211, cub_top1=87.6, cars_top1=92.3, aircraft_top1=90.0, baseline_cub_top1=85.8,
-                          note=_NOTE),
+                meta=dict(weights="timm DeiT-S backbone (`pretrained=true`)", cub_top1=87.6, cars_top1=92.3,
+                          aircraft_top1=90.0, baseline_cub_top1=85.8, dataset=_DS, note=_NOTE),
                 **_SPEC)
 def dcal_deit_small(pretrained: bool = False, **kwargs: Any) -> DCAL:
     return _create(pretrained, "deit_small_patch16_224", **{**dict(embed_dim=384, depth=12, num_heads=6), **kwargs})
 
 
 @register_model(input_size=(3, 224, 224), source="zoo (timm ViT); backbone timm:deit_base_patch16_224 (IN-1k)",
-                meta=dict(params_m=94.426, cub_top1=88.8, cars_top1=93.8, aircraft_top1=92.6, baseline_cub_top1=88.0,
-                          note=_NOTE),
+                meta=dict(weights="timm DeiT-B backbone (`pretrained=true`)", cub_top1=88.8, cars_top1=93.8,
+                          aircraft_top1=92.6, baseline_cub_top1=88.0, dataset=_DS, note=_NOTE),
                 **_SPEC)
 def dcal_deit_base(pretrained: bool = False, **kwargs: Any) -> DCAL:
     return _create(pretrained, "deit_base_patch16_224", **{**dict(embed_dim=768, depth=12, num_heads=12), **kwargs})
@@ -543,8 +543,8 @@ def dcal_deit_base(pretrained: bool = False, **kwargs: Any) -> DCAL:
 
 @register_model(input_size=(3, 224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                 source="zoo (timm ViT); backbone timm:vit_base_patch16_224.augreg_in21k (IN-21k)",
-                meta=dict(params_m=94.426, cub_top1=91.4, cars_top1=93.4, aircraft_top1=91.5, baseline_cub_top1=90.8,
-                          note=_NOTE),
+                meta=dict(weights="timm ViT-B/16 IN-21k backbone (`pretrained=true`)", cub_top1=91.4, cars_top1=93.4,
+                          aircraft_top1=91.5, baseline_cub_top1=90.8, dataset=_DS, note=_NOTE),
                 **_SPEC)
 def dcal_vit_base(pretrained: bool = False, **kwargs: Any) -> DCAL:
     return _create(pretrained, "vit_base_patch16_224.augreg_in21k",
@@ -552,7 +552,7 @@ def dcal_vit_base(pretrained: bool = False, **kwargs: Any) -> DCAL:
 
 
 @register_model(input_size=(3, 32, 32), size_divisor=4, min_size=4, task="classification", paper=PAPER,
-                checkpoint_filter=checkpoint_filter_fn,
+                checkpoint_filter=checkpoint_filter_fn, meta=dict(weights="none (CPU variant)"),
                 source="zoo (timm ViT, 32 px, patch 4, 4 x 64-d, 4 heads, MLP ratio 2, sin-cos pos-embed start)")
 def dcal_deit_nano(pretrained: bool = False, **kwargs: Any) -> DCAL:
     """CPU variant for the embedded digits: 64 patch tokens, R = 6 GLCA queries."""
