@@ -15,7 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from train import build_loggers, check_config, container
+from train import build_loggers, check_config, container, trainer_kwargs
 from zoo.errors import ZooError
 from zoo.runner import flat_metrics, load_task, prepare_data, print_metrics_table, write_metrics
 
@@ -80,7 +80,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if dm.num_classes != task.num_classes:
         raise ZooError(f"the checkpoint has {task.num_classes} classes but data '{cfg.data.dataset}' has "
                        f"{dm.num_classes}; evaluate on the data it was trained for")
-    trainer = L.Trainer(**container(cfg.trainer), logger=build_loggers(cfg) or False,
+    trainer = L.Trainer(**trainer_kwargs(cfg), logger=build_loggers(cfg) or False,
                         callbacks=[L.pytorch.callbacks.RichProgressBar()], default_root_dir=str(out_dir))
     metrics = flat_metrics(trainer.test(task, datamodule=dm, verbose=False))
     if trainer.is_global_zero:

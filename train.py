@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -53,6 +54,17 @@ def check_config(cfg: DictConfig, training: bool = True) -> None:
     if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
         raise ZooError(f"seed={cfg.get('seed')!r} has the wrong type; seed takes an int")
     check_run_config(sections, training=training)
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict:
+    """``cfg.trainer`` as Trainer kwargs; SyncBatchNorm needs GPUs, so DDP on CPU (gloo) runs without it."""
+    kw = container(cfg.trainer)
+    accelerator = str(kw.get("accelerator", "auto"))
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if kw.get("sync_batchnorm") and not on_gpu:
+        log.info("trainer.sync_batchnorm ignored: SyncBatchNorm needs GPUs (DDP on CPU syncs gradients only)")
+        kw["sync_batchnorm"] = False
+    return kw
 
 
 def find_latest_run(root: str | Path) -> Path | None:
@@ -108,7 +120,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     task = build_task(container(cfg.model), dm, optim=container(cfg.optim), init_from=cfg.get("init_from"))
 
     callbacks = build_callbacks(cfg, task.monitor, task.monitor_mode) + reliability_callbacks()
-    trainer = L.Trainer(**container(cfg.trainer), callbacks=callbacks, logger=build_loggers(cfg) or False,
+    trainer = L.Trainer(**trainer_kwargs(cfg), callbacks=callbacks, logger=build_loggers(cfg) or False,
                         default_root_dir=str(out_dir), plugins=[AtomicCheckpointIO()])
     trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     if not cfg.get("test", True):

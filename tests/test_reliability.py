@@ -316,3 +316,35 @@ def test_every_experiment_passes_config_check(compose_cfg):
     for exp in sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")):
         check_config(compose_cfg("train", [f"experiment={exp}"]))
         check_config(compose_cfg("evaluate", [f"experiment={exp}", "ckpt_path=x.ckpt"]), training=False)
+
+
+# ---------------------------------------------------------------- distributed
+def test_ddp_two_cpu_processes_match_single_process(compose_cfg, tmp_path):
+    """torchrun, 2 ranks on gloo: each task trains and evaluates; the synced test metrics equal a
+    single-process evaluation of the same checkpoint; only rank 0 writes files."""
+    from evaluate import evaluate
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ddp_tasks import COMMON, TASKS
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "tests/ddp_tasks.py", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ddp = json.loads((tmp_path / "ddp.json").read_text())
+    writes = [json.loads((tmp_path / f"writes_rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(v > 0 for v in writes[0].values()), writes[0]
+    assert not any(writes[1].values()), f"rank 1 wrote files: {writes[1]}"
+
+    single_overrides = [o for o in COMMON if not o.startswith("trainer.") and o != "trainer=ddp"]
+    for task, overrides in TASKS.items():
+        r = ddp[task]
+        assert r["world_size"] == 2 and r["train"] and r["evaluate"]
+        assert json.loads((tmp_path / task / "metrics.json").read_text()) == pytest.approx(r["train"], nan_ok=True)
+        data = [o for o in overrides if o.lstrip("+").startswith("data")]
+        single = evaluate(compose_cfg("evaluate", [*single_overrides, *data, f"ckpt_path={r['ckpt']}"],
+                                      out_dir=tmp_path / f"{task}_single"))
+        assert set(single) == set(r["evaluate"]), task
+        for k, v in single.items():
+            assert r["evaluate"][k] == pytest.approx(v, rel=1e-5, abs=1e-6, nan_ok=True), f"{task} {k}"
