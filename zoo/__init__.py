@@ -9,6 +9,7 @@ from .errors import (
     DataFormatError,
     DuplicateModelError,
     InputSizeError,
+    ModelArgumentError,
     TaskMismatchError,
     UnknownModelError,
     WeightsError,
@@ -19,6 +20,6 @@ from .registry import ModelSpec, create_model, get_spec, list_models, model_info
 __all__ = [
     "create_model", "list_models", "model_info", "register_model", "get_spec", "ModelSpec",
     "ZooError", "UnknownModelError", "DuplicateModelError", "InputSizeError", "TaskMismatchError",
-    "DatasetNotFoundError", "DataFormatError", "WeightsError",
+    "DatasetNotFoundError", "DataFormatError", "WeightsError", "ModelArgumentError",
 ]
 __version__ = "0.1.0"

@@ -33,3 +33,7 @@ class DataFormatError(ZooError, ValueError):
 
 class WeightsError(ZooError, RuntimeError):
     pass
+
+
+class ModelArgumentError(ZooError, ValueError):
+    """create_model got arguments the model cannot be built with (class count, unknown kwargs, sizes)."""

@@ -5,15 +5,17 @@ Modelled on torchvision's ``models/_api.py`` (duplicates raise) and timm's ``cre
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .errors import DuplicateModelError, InputSizeError, UnknownModelError
+from .errors import DuplicateModelError, InputSizeError, ModelArgumentError, UnknownModelError, ZooError
 
 TASKS = ("classification", "segmentation", "mil")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -136,16 +138,84 @@ def create_model(
     """
     spec = get_spec(name)
     if num_classes is not None:
+        least = 0 if spec.task == "classification" else 1  # timm's num_classes=0: no classifier
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < least:
+            raise ModelArgumentError(
+                f"{name}: num_classes must be an int >= {least}"
+                f"{' (0 = no classifier: features)' if least == 0 else ''}; got {num_classes!r}"
+            )
         kwargs["num_classes"] = num_classes
-    model = spec.builder(pretrained=pretrained and not pretrained_file, **kwargs)
+    _check_common_kwargs(name, kwargs)
+    try:
+        model = spec.builder(pretrained=pretrained and not pretrained_file, **kwargs)
+    except ZooError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one clear error naming the model and its arguments
+        raise _build_error(spec, kwargs, e) from e
     if pretrained_file:
         from .weights import load_pretrained_file
 
         load_pretrained_file(model, pretrained_file, spec.checkpoint_filter)
+    if spec.fixed_input_size and isinstance(kwargs.get("img_size"), int):  # built for another fixed size
+        s = kwargs["img_size"]
+        spec = dataclasses.replace(spec, input_size=(*spec.input_size[:-2], s, s))
     model.zoo_spec = spec
     if spec.task != "mil" and (spec.size_divisor > 1 or spec.fixed_input_size or spec.min_size > 1):
         model.register_forward_pre_hook(_size_check_hook(spec))
     return model
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _rate(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+
+
+_COMMON_KWARGS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "in_chans": (_positive_int, "a positive int"),
+    "in_dim": (_positive_int, "a positive int"),
+    "img_size": (lambda v: _positive_int(v) or (isinstance(v, (tuple, list)) and len(v) == 2
+                                                 and all(_positive_int(x) for x in v)), "a positive int or (H, W)"),
+    "drop_rate": (_rate, "a float in [0, 1)"),
+    "drop_path_rate": (_rate, "a float in [0, 1)"),
+    "attn_drop_rate": (_rate, "a float in [0, 1)"),
+}
+
+
+def _check_common_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Arguments many models share, checked before anything is built (their errors come from deep inside torch)."""
+    for key, (ok, what) in _COMMON_KWARGS.items():
+        if key in kwargs and kwargs[key] is not None and not ok(kwargs[key]):
+            raise ModelArgumentError(f"{name}: {key} must be {what}; got {kwargs[key]!r}")
+
+
+def constructor_kwargs(name: str) -> list[str]:
+    """The keyword arguments a model takes: its builder's and its class's (built once on the meta device)."""
+    spec = get_spec(name)
+    names = {n for n, p in inspect.signature(spec.builder).parameters.items()
+             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    try:
+        with torch.device("meta"):
+            model = spec.builder(pretrained=False)
+        names |= {n for n, p in inspect.signature(type(model).__init__).parameters.items()
+                  if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "self"}
+    except Exception:  # noqa: BLE001 - a builder that cannot run on meta: the builder's names only
+        pass
+    return sorted(names - {"pretrained"})
+
+
+def _build_error(spec: ModelSpec, kwargs: dict[str, Any], error: Exception) -> ModelArgumentError:
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no arguments"
+    why = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+    valid = constructor_kwargs(spec.name)
+    unknown = sorted(k for k in kwargs if valid and k not in valid)
+    hint = f" Unknown argument(s) {unknown}." if unknown else ""
+    return ModelArgumentError(
+        f"cannot build {spec.name} with {args} ({why}).{hint} "
+        f"{spec.name} takes: {', '.join(valid) if valid else 'see its docstring'}."
+    )
 
 
 _PARAMS_CACHE: dict[str, float] = {}
