@@ -98,7 +98,7 @@ def resolve_resume(cfg: DictConfig) -> str | None:
             return None
         ckpt = str(last)
     if ckpt:  # refused here, with the zoo's message, if its pickle would run code
-        stored = (safe_load(ckpt).get("hyper_parameters") or {}).get("model") or {}
+        stored = (safe_load(ckpt, mmap=True).get("hyper_parameters") or {}).get("model") or {}
         if stored.get("name") not in (None, cfg.model.name):
             raise ZooError(f"{ckpt} is a checkpoint of {stored.get('name')!r}, not of model={cfg.model.name!r}; "
                            "resume with the model (or experiment) it was trained with")

@@ -13,8 +13,9 @@ from .errors import WeightsError
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "model_ema", "state_dict_ema", "module", "net")
 
 
-def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint or weights file without executing code from it."""
+def safe_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """Load a checkpoint or weights file without executing code from it (``mmap``: tensors stay on
+    disk until touched, for a cheap look at a large checkpoint)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
@@ -23,7 +24,7 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dic
 
         return load_file(str(path), device=str(map_location))
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap or None)
     except pickle.UnpicklingError as e:
         raise WeightsError(
             f"refused to load {path}: it is not a plain weights file (its pickle asks to run or build "
