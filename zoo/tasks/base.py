@@ -134,7 +134,9 @@ class ZooTask(L.LightningModule):
 
     def _log_epoch_metrics(self, stage: str) -> None:
         values = self.compute_metrics(self.metrics[stage])
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
+        # torchmetrics has synced these across DDP ranks already; sync_dist averages equal values (a no-op
+        # that keeps Lightning from warning about unsynced epoch-level logs)
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val", sync_dist=True)
         self.metrics[stage].reset()
 
     def on_validation_epoch_end(self) -> None:
