@@ -117,6 +117,9 @@ def _split_qkv(attn: nn.Module, x: torch.Tensor, which: str = "qkv") -> list[tor
     ones (the fused ``qkv`` weight is sliced, so no unused projection is computed)."""
     B, n, _ = x.shape
     H, d = attn.num_heads, attn.head_dim
+    if which == "qkv":  # one GEMM, as timm
+        q, k, v = attn.qkv(x).view(B, n, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        return [attn.q_norm(q), attn.k_norm(k), v]
     rows = {"q": 0, "k": 1, "v": 2}
     out = []
     for name in which:
