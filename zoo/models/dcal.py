@@ -78,9 +78,9 @@ Measured (CPU, 2 shared cores, OMP_NUM_THREADS=1):
   +8.4% (200 classes). ``glca=False, pwca=False`` has exactly timm's parameter count.
 - Inference, DeiT-T, batch 8, 1 thread: 224 px 1.28 vs 1.25 GMACs (GLCA + rollout +1.9% analytic),
   ``python -m zoo bench dcal_deit_tiny timm:deit_tiny_patch16_224 --img-size 224 --batch-size 8 --threads 1``:
-  14.1 vs 15.2 img/s; 448 px 7.24 vs 7.12 GMACs (+1.7%), 1.37x the time of timm's DeiT-T (interleaved runs):
-  the rollout needs every SA block's probabilities, so no fused attention; the explicit attention runs
-  per image in cache-sized query blocks (without that: 2x).
+  20.1 vs 22.1 img/s (1.17x the time in interleaved runs); 448 px 7.24 vs 7.12 GMACs (+1.7%), 1.28x the
+  time of timm's DeiT-T (interleaved): the rollout needs every SA block's probabilities, so no fused
+  attention; the explicit attention runs per image in cache-sized query blocks (without that: 2x).
 - Training, digits (``experiment=dcal_deit_nano_digits``, 25 epochs, lr 2e-3), seeds 42 / 1 / 2: test top-1
   0.981 / 0.997 / 0.978 in 3-4 min wall (114-121 s CPU); the SA-only baseline
   (``experiment=dcal_deit_nano_sa_only_digits``, same recipe) 0.983 / 0.983 / 0.992 in 1.5-2 min (55-58 s CPU):
