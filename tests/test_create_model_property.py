@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import zoo
 
 SMALL = {n for n in zoo.list_models() if (zoo.model_info(n).get("params_m") or 1e9) < 2.0}  # forward on CPU
-EXAMPLES = int(os.environ.get("ZOO_PROPERTY_EXAMPLES", 5))  # more for a thorough local run
+EXAMPLES = int(os.environ.get("ZOO_PROPERTY_EXAMPLES", 4))  # more for a thorough local run
 
 num_classes = st.one_of(st.integers(-2, 12), st.sampled_from([None, 2.5, "ten", True]))
 extra = st.fixed_dictionaries({}, optional={
