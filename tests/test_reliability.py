@@ -180,8 +180,9 @@ def tiny_checkpoint(tmp_path: Path, name: str, kwargs: dict, img_size: int | Non
 def test_export_formats_reproduce_outputs(fmt, name, kwargs, size, tmp_path):
     from zoo.__main__ import main
 
-    if fmt == "onnx":
+    if fmt == "onnx":  # the optional export extras: pip install onnx onnxruntime onnxscript
         pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
     ckpt = tiny_checkpoint(tmp_path, name, kwargs, size)
     out = tmp_path / f"net.{fmt}"
     assert main(["export", str(ckpt), "--format", fmt, "--out", str(out)]) == 0  # checks outputs itself
