@@ -399,13 +399,16 @@ def _create(encoder: str, pretrained: bool, **kwargs) -> MSGuidedSegmenter:
 _SPEC = dict(task="segmentation", paper=PAPER, size_divisor=32, checkpoint_filter=checkpoint_filter_fn)
 
 
-@register_model(input_size=(3, 256, 256), source=SOURCE + "; paper backbone timm resnet101", **_SPEC)
+@register_model(input_size=(3, 256, 256), source=SOURCE + "; paper backbone timm resnet101",
+                meta=dict(weights="timm ImageNet backbone (`pretrained=true`)"), **_SPEC)
 def msguided_resnet101(pretrained: bool = False, **kwargs) -> MSGuidedSegmenter:
     return _create("resnet101", pretrained, **kwargs)
 
 
 @register_model(input_size=(3, 256, 256), source=SOURCE + "; official backbone timm resnext101_32x8d",
-                meta=dict(params_m=104.511), **_SPEC)  # official DAF_stack, counted here (0.955M of it unused)
+                # params_m: the official DAF_stack as counted here (0.955M of it in modules it never uses)
+                meta=dict(weights="timm ImageNet backbone (`pretrained=true`), official DAF_stack (`pretrained_file=`)",
+                          params_m=104.511), **_SPEC)
 def msguided_resnext101_32x8d(pretrained: bool = False, **kwargs) -> MSGuidedSegmenter:
     return _create("resnext101_32x8d", pretrained, **kwargs)
 

@@ -346,7 +346,7 @@ _SRC = "zoo (timm ViT) + Imageomics/Prompt_CAM"
 
 
 @register_model(source=f"{_SRC}; backbone timm:vit_base_patch16_224.dino",
-                meta=dict(params_m=87.643, trainable_m=1.844, cub_top1=73.2, pets_top1=91.3, dogs_top1=81.1,
+                meta=dict(weights="timm DINO backbone (`pretrained=true`), official model.pt (`pretrained_file=`)", params_m=87.643, trainable_m=1.844, cub_top1=73.2, pets_top1=91.3, dogs_top1=81.1,
                           birds525_top1=98.8), **_SPEC)
 def promptcam_vit_base_dino(pretrained: bool = False, **kwargs: Any) -> PromptCAM:
     """DINO ViT-B/16 (the paper's main backbone); ``num_classes`` defaults to 200 (CUB)."""
@@ -354,7 +354,7 @@ def promptcam_vit_base_dino(pretrained: bool = False, **kwargs: Any) -> PromptCA
 
 
 @register_model(source=f"{_SRC}; backbone timm:vit_base_patch14_dinov2.lvd142m at 224 px (16x16 grid)",
-                meta=dict(params_m=87.569, trainable_m=1.844, cub_top1=74.1, pets_top1=92.7, dogs_top1=81.3),
+                meta=dict(weights="timm DINOv2 backbone (`pretrained=true`), official model.pt (`pretrained_file=`)", params_m=87.569, trainable_m=1.844, cub_top1=74.1, pets_top1=92.7, dogs_top1=81.3),
                 **_SPEC)
 def promptcam_vit_base_dinov2(pretrained: bool = False, **kwargs: Any) -> PromptCAM:
     """DINOv2 ViT-B/14 at 224 px as the code (``init_values=1e-5``; pos_embed resampled from 518 by timm)."""
