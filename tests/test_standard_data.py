@@ -237,3 +237,27 @@ def test_timm_training_augmentation_on_a_file_dataset(tmp_path):
     x, y = dm.train_set[0]
     assert x.shape == (3, IMG_SIZE, IMG_SIZE) and x.dtype.is_floating_point
     assert "RandAugment" not in [type(t).__name__ for t in dm.test_set.transform.transforms]
+
+
+def test_download_true_fetches_then_reads_and_refuses_without_a_source(tmp_path, monkeypatch):
+    """The download hook runs only when the data is absent; its result is read like a user's copy."""
+    import dataclasses
+
+    from zoo.data import standard
+
+    calls = []
+
+    def fake_download(root):  # stands in for the archive download (no network in tests)
+        calls.append(root)
+        write_cub200(root.parent)  # unpacks CUB_200_2011/ under root, as the real archive does
+
+    monkeypatch.setitem(standard.STANDARD, "cub200", dataclasses.replace(standard.STANDARD["cub200"], download=fake_download))
+    root = tmp_path / "cub200"
+    dm = ClassificationDataModule(dataset="cub200", root=str(root), img_size=IMG_SIZE, download=True)
+    dm.setup()
+    assert len(calls) == 1 and len(dm.test_set) == 4
+    ClassificationDataModule(dataset="cub200", root=str(root), img_size=IMG_SIZE, download=True).setup()
+    assert len(calls) == 1  # already there: not downloaded again
+    with pytest.raises(DatasetNotFoundError, match="cannot be downloaded automatically"):
+        ClassificationDataModule(dataset="stanford_cars", root=str(tmp_path / "cars"), img_size=IMG_SIZE,
+                                 download=True).setup()

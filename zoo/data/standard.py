@@ -247,8 +247,9 @@ STANDARD: dict[str, StandardDataset] = {
 }
 
 
-def read_standard(name: str, root: Path, *, download: bool = False) -> Splits:
-    spec = STANDARD[name]
+def read_dataset(name: str, spec, root: Path, *, download: bool = False):
+    """Read a published dataset (``spec``: a ``StandardDataset`` or ``StandardSegDataset``), downloading
+    it first when asked and it is not already there."""
     root = Path(root).expanduser()
     if download:
         if spec.download is None:
@@ -264,3 +265,7 @@ def read_standard(name: str, root: Path, *, download: bool = False) -> Splits:
             f"How to get it: {spec.get}"
         )
     return spec.read(root)
+
+
+def read_standard(name: str, root: Path, *, download: bool = False) -> Splits:
+    return read_dataset(name, STANDARD[name], root, download=download)

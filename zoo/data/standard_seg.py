@@ -17,7 +17,7 @@ from typing import Callable
 
 from zoo.errors import DatasetNotFoundError
 
-from .standard import _archive_download, _check_files, _root_of, _tv_download
+from .standard import _archive_download, _check_files, _root_of, _tv_download, read_dataset
 
 Pairs = list[tuple[Path, Path]]
 
@@ -96,15 +96,4 @@ STANDARD_SEG: dict[str, StandardSegDataset] = {
 
 
 def read_standard_seg(name: str, root: Path, *, download: bool = False) -> SegSplits:
-    spec = STANDARD_SEG[name]
-    root = Path(root).expanduser()
-    if download:
-        try:
-            return spec.read(root)
-        except DatasetNotFoundError:
-            root.mkdir(parents=True, exist_ok=True)
-            spec.download(root)
-    if not root.exists():
-        raise DatasetNotFoundError(f"{name}: data.root {root} does not exist.\nExpected layout under data.root:\n"
-                                   f"{spec.layout}\nHow to get it: {spec.get}")
-    return spec.read(root)
+    return read_dataset(name, STANDARD_SEG[name], root, download=download)
