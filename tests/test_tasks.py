@@ -135,3 +135,15 @@ def test_mixup_cutmix_soft_targets_and_loss():
 def test_mixup_refused_for_models_with_their_own_hard_label_objective():
     with pytest.raises(ValueError, match="mixup_alpha=0"):
         _task(NetWithObjective(), optim={"mixup_alpha": 0.8})
+
+
+def test_metrics_stay_separate_after_a_perfect_first_batch():
+    """torchmetrics' compute groups merged macro-F1 with top-5 accuracy when the first batch was perfect."""
+    m = ClassificationTask(nn.Linear(2, 10), model={"name": "x", "kwargs": {}}, num_classes=10).metrics["test"]
+    y = torch.arange(10)
+    m.update(nn.functional.one_hot(y, 10).float() * 5, y)  # all right
+    wrong_top1 = nn.functional.one_hot((y + 1) % 10, 10).float() * 5 + nn.functional.one_hot(y, 10).float() * 4
+    m.update(wrong_top1, y)  # top-1 all wrong, top-5 all right
+    out = {k: float(v) for k, v in m.compute().items()}
+    assert out["acc"] == pytest.approx(0.5) and out["acc5"] == pytest.approx(1.0)
+    assert out["f1"] == pytest.approx(0.5)

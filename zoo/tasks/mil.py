@@ -26,7 +26,7 @@ class MILTask(ZooTask):
             "balanced_acc": MulticlassRecall(c, average="macro"),
             "f1": MulticlassF1Score(c, average="macro"),
             "auroc": MulticlassAUROC(c, average="macro"),
-        })
+        }, compute_groups=False)  # no state sharing by coincidence of the first batch (see classification.py)
 
     def unpack(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:
         bags, mask, y = batch
