@@ -7,7 +7,9 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_weight_decay
 
 import zoo
-from zoo.models.sparsifiner import csr_attention, gather_attention, masked_dense_attention, mhsa_macs
+from zoo.bench import _count_gmacs
+from zoo.models.sparsifiner import (csr_attention, csr_attention_cls, gather_attention, masked_dense_attention,
+                                     mhsa_macs, spmm, topk_nonneg)
 
 NANO = dict(num_classes=10)
 
@@ -51,6 +53,45 @@ def test_gather_execution_equals_masked_dense():
     full = torch.arange(n).expand(B, H, n, n)  # all keys kept == plain softmax attention
     dense = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5, -1) @ v
     torch.testing.assert_close(gather_attention(q, k, v, full, d ** -0.5), dense, atol=1e-5, rtol=1e-5)
+
+
+def test_csr_attention_with_dense_class_row_equals_masked_dense():
+    torch.manual_seed(0)
+    B, H, n, d, K = 2, 3, 33, 16, 9
+    q, k, v = (torch.randn(B, H, n, d) for _ in range(3))
+    idx = torch.rand(B, H, n - 1, n).topk(K, -1).indices
+    mask = torch.zeros(B, H, n, n, dtype=torch.bool)
+    mask[:, :, 0] = True  # class row dense
+    mask[:, :, 1:] = mask[:, :, 1:].scatter(-1, idx, True)
+    attn = (q @ k.transpose(-1, -2) * d ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+    torch.testing.assert_close(csr_attention_cls(q, k, v, idx, d ** -0.5), attn @ v, atol=1e-5, rtol=1e-5)
+    assert (mask[:, :, 1:].sum(-1) == K).all()
+
+
+def test_spmm_and_nonnegative_topk_match_torch():
+    torch.manual_seed(0)
+    cols, vals, table = torch.randint(0, 20, (50, 4)), torch.rand(50, 4), torch.randn(20, 7)
+    dense = torch.zeros(50, 20).scatter_add_(1, cols, vals)
+    torch.testing.assert_close(spmm(cols, vals, table), dense @ table, atol=1e-5, rtol=1e-5)
+    offsets = torch.tensor([0, 3, 3, 10])  # rows of any length, one empty
+    flat_c, flat_v = cols.view(-1)[:12], vals.view(-1)[:12]
+    want = torch.stack([(flat_v[a:b, None] * table[flat_c[a:b]]).sum(0) for a, b in zip([0, 3, 3, 10], [3, 3, 10, 12])])
+    torch.testing.assert_close(spmm(flat_c, flat_v, table, offsets), want, atol=1e-5, rtol=1e-5)
+    x = torch.rand(6, 5, 197)
+    x[0, 0, :10] = 0.0
+    got, ref = topk_nonneg(x, 50), x.topk(50, -1, sorted=False)
+    assert torch.equal(got[1].sort(-1).values, ref.indices.sort(-1).values)
+    assert torch.equal(got[0].sort(-1).values, ref.values.sort(-1).values)
+
+
+@pytest.mark.parametrize("prune", [(), (1, 2)])
+def test_bench_counts_the_executed_sparse_work(prune):
+    """The bench's FLOP counter sees the sparse kernels (SDDMM, embedding_bag SpMM): its count equals the
+    analytic kept-entries + predictor formula, and is below the dense model's."""
+    m = nano(token_pruning_loc=prune, token_keep_rate=0.7).eval()
+    counted = _count_gmacs(m, torch.randn(1, 3, 32, 32))
+    assert counted == pytest.approx(m.bench_extras(32)["total_gmacs_analytic"], rel=2e-3)
+    assert counted < _count_gmacs(nano(attn_keep_rate=1.0).eval(), torch.randn(1, 3, 32, 32))
 
 
 @pytest.mark.parametrize("prune", [(), (1, 2)])

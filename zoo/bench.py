@@ -299,10 +299,27 @@ def _cpu_sdpa_flops() -> dict:
     return {op: flops}
 
 
+def _sparse_kernel_flops() -> dict:
+    """The counter does not know the sparse kernels; count the work they do: ``sparse_sampled_addmm`` (SDDMM)
+    one length-``d`` dot product per stored entry, ``embedding_bag`` (CSR x dense SpMM) one row of the table per
+    index (2 FLOPs per multiply-add, like the counter's own formulas)."""
+    aten = torch.ops.aten
+
+    def sddmm(pattern, mat1, mat2, *args, out_val=None, **kwargs) -> int:
+        blocks = math.prod(pattern.shape[:-2])  # batched CSR: _nnz() is per batch entry
+        return 2 * pattern._nnz() * blocks * mat1.shape[-1]
+
+    def bag(weight, indices, *args, out_val=None, **kwargs) -> int:
+        return 2 * indices.numel() * weight.shape[-1]
+
+    sddmm._get_raw = bag._get_raw = True  # type: ignore[attr-defined]  # raw tensors: the shapes hide nnz
+    return {aten.sparse_sampled_addmm: sddmm, aten._embedding_bag_forward_only: bag, aten._embedding_bag: bag}
+
+
 def _count_gmacs(model: nn.Module, x1: torch.Tensor) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_flops())
+    counter = FlopCounterMode(display=False, custom_mapping={**_cpu_sdpa_flops(), **_sparse_kernel_flops()})
     with torch.no_grad(), counter:
         model(x1)
     return counter.get_total_flops() / 2 / 1e9
