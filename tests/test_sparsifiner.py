@@ -161,3 +161,92 @@ def test_small_mhsa_reduction_at_224():
     assert extras["mhsa_flops_reduction"] >= 0.48
     dense, sparse, pred = mhsa_macs(m)
     assert dense == pytest.approx(12 * 2 * 197 * 197 * 384)
+
+
+LV_SMALL = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, mlp_ratio=3.0, qkv_bias=False,
+                p_emb="4_2", skip_lam=2.0, aux_head=True, norm_eps=1e-5, num_classes=10)
+
+
+def test_lvvit_small_matches_official_parameter_counts():
+    with torch.device("meta"):
+        m = zoo.get_spec("sparsifiner_lvvit_small").builder()
+    total = sum(p.numel() for p in m.parameters())
+    backbone = sum(p.numel() for k, p in m.named_parameters() if ".mask_predictor." not in k)
+    assert backbone == 26_151_824  # TokenLabeling's lvvit_s, counted side by side
+    assert total == 26_420_112  # the official SparsifinerLVViT (reduce_n_factor 6), counted side by side
+    assert {"patch_embed.conv1.weight", "patch_embed.bn3.running_var", "aux_head.weight"} <= set(m.state_dict())
+
+
+def test_lvvit_token_labeling_head_and_skip_lam():
+    from zoo.models.sparsifiner import Sparsifiner
+
+    torch.manual_seed(0)
+    m = Sparsifiner(**LV_SMALL).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = m.forward_features(x)
+        cls = m.head(feats[:, 0])
+        torch.testing.assert_close(m(x), cls + 0.5 * m.aux_head(feats[:, 1:]).max(1)[0])  # eval: as the code
+        m.train()
+        torch.testing.assert_close(m.forward_head(feats), m.eval()(x))  # no teacher: CE trains both heads
+        m.teacher_ckpt = "teacher.pt"  # with a teacher: class-token logits only, as the code
+        torch.testing.assert_close(m.train().forward_head(feats), cls)
+        m.teacher_ckpt = None
+        blk, t = m.blocks[0], torch.randn(2, m.num_tokens, 64)
+        blk.eval()
+        want = t + blk.attn(blk.norm1(t)) / 2
+        torch.testing.assert_close(blk(t), want + blk.mlp(blk.norm2(want)) / 2)
+    counted = _count_gmacs(m.eval(), x[:1])  # the conv stem and the token head are in the analytic count
+    assert counted == pytest.approx(m.bench_extras(32)["total_gmacs_analytic"], rel=2e-3)
+
+
+def test_lvvit_phase_two_distills_token_head_outputs(tmp_path):
+    from zoo.models.sparsifiner import Sparsifiner
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "lvvit_teacher.pt"
+    torch.save(Sparsifiner(**LV_SMALL, attn_keep_rate=1.0).state_dict(), teacher)
+    m = Sparsifiner(**LV_SMALL, teacher_ckpt=str(teacher))
+    m.load_state_dict(torch.load(teacher), strict=False)
+    m.train()
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    logits, losses = m.forward_train(x, y)
+    assert set(losses) == {"ce", "cls_distill", "token_distill"} and logits.shape == (3, 10)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert m.aux_head.weight.grad is not None  # the token head learns from the token distillation
+
+
+def test_published_weights_download_once_and_fail_offline_with_advice(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torch.hub
+
+    from zoo.errors import WeightsError
+    from zoo.models.sparsifiner import Sparsifiner, _create
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(0)
+    src = Sparsifiner(**LV_SMALL, attn_keep_rate=1.0)
+    calls = []
+
+    def fake_fetch(url, dst, progress=True):  # stands in for the network: writes the release file
+        calls.append(url)
+        torch.save({k: v for k, v in src.state_dict().items() if ".mask_predictor." not in k}, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_fetch)
+    url = "https://example.invalid/releases/lvvit_tiny_test.pth.tar"
+    m = _create(True, None, url=url, **LV_SMALL)
+    m2 = _create(True, None, url=url, **LV_SMALL)  # cached: no second download
+    assert calls == [url]
+    for model in (m, m2):
+        assert torch.equal(model.patch_embed.conv2.weight, src.patch_embed.conv2.weight)
+        assert torch.equal(model.aux_head.weight, src.aux_head.weight)
+
+    def offline(url, dst, progress=True):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsError, match="pretrained_file="):
+        _create(True, None, url="https://example.invalid/other.pth", **LV_SMALL)
+    assert not list((tmp_path / "torch").rglob("*.part"))

@@ -71,6 +71,25 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
     return skipped  # those keep the model's fresh initialisation
 
 
+def download_weights(url: str) -> Path:
+    """Fetch a published weights file into torch's hub cache (``$TORCH_HOME/hub/checkpoints``) once and return
+    its path; read it with :func:`safe_load`. Offline, the error says how to load the file by hand."""
+    from torch.hub import download_url_to_file, get_dir
+
+    dst = Path(get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    if not dst.is_file():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".part")
+        try:
+            download_url_to_file(url, str(tmp), progress=True)
+        except Exception as e:  # URLError, HTTPError, OSError, timeouts: all mean "not here"
+            tmp.unlink(missing_ok=True)
+            raise WeightsError(f"could not download {url} ({type(e).__name__}: {e}). Download it on a machine "
+                               f"with internet and pass pretrained_file=<path> (or put it at {dst}).") from None
+        tmp.replace(dst)  # a killed download never leaves a half file under the final name
+    return dst
+
+
 def load_pretrained_file(
     model: nn.Module, path: str | Path, checkpoint_filter: Callable[[dict, nn.Module], dict] | None = None
 ) -> list[str]:

@@ -1,4 +1,4 @@
-"""Sparsifiner: learned instance-dependent sparse attention on timm's DeiT / ViT.
+"""Sparsifiner: learned instance-dependent sparse attention on timm's DeiT / ViT, and on LV-ViT-S.
 
 Paper: "Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision Transformers",
 Wei et al., CVPR 2023 (arXiv 2303.13755). Origin: the official code lim142857/Sparsifiner (commit 9a11e263,
@@ -61,6 +61,14 @@ Documented choices and deviations:
   attention (the same thing when the student starts from the teacher, as in the code) and phase two
   is plain CE. Mixup / soft targets and EMA of the official recipe are not reproduced.
 - ``attn_keep_rate >= 1`` runs plain dense attention (no predictor): the dense DeiT baseline.
+- LV-ViT-S (``sparsifiner_lvvit_small``, the code's ``sparsifiner_lvvit``): the same blocks with LV-ViT's
+  4-layer conv patch embedding (``p_emb="4_2"``), no qkv bias, MLP ratio 3, residual branches divided by
+  ``skip_lam=2``, LayerNorm eps 1e-5 and the token-labeling ``aux_head`` (eval logits ``cls + 0.5 max_tokens
+  aux``; the token distillation compares the aux-head outputs, the code's ``features``). Checked side by
+  side with the official code on the same random weights: 26,420,112 parameters in both (backbone
+  26,151,824 = TokenLabeling's ``lvvit_s``); dense backbone logits within 1.3e-6 of TokenLabeling's; phase-one
+  approximate attention within 4e-9; sparse eval logits within 1e-6 of the official SparsifinerLVViT with
+  99.994% of mask entries equal (the rest: top-k near-ties flipped by reassociated float sums).
 """
 from __future__ import annotations
 
@@ -72,7 +80,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import build_sincos2d_pos_embed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import PatchEmbed, build_sincos2d_pos_embed, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
@@ -321,16 +329,42 @@ class SparsifinerBlock(Block):
     """timm ``Block`` whose attention is :class:`SparsifinerAttention`; ``forward(x, ctx)``."""
 
     def __init__(self, dim: int, num_heads: int, *, num_tokens: int, attn_keep_rate: float,
-                 execution: str, predictor_kwargs: dict, **kwargs: Any):
+                 execution: str, predictor_kwargs: dict, skip_lam: float = 1.0, **kwargs: Any):
         super().__init__(dim, num_heads, **kwargs)
+        self.skip_lam = skip_lam  # LV-ViT: both residual branches divided by a constant (2 for LV-ViT-S)
         self.attn = SparsifinerAttention(
             dim, num_heads=num_heads, qkv_bias=kwargs.get("qkv_bias", False), attn_drop=kwargs.get("attn_drop", 0.0),
             proj_drop=kwargs.get("proj_drop", 0.0), num_tokens=num_tokens, attn_keep_rate=attn_keep_rate,
             execution=execution, **predictor_kwargs)
 
     def forward(self, x: torch.Tensor, ctx: _Ctx | None = None, **_: Any) -> torch.Tensor:  # type: ignore[override]
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), ctx)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), ctx))) / self.skip_lam
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))) / self.skip_lam
+
+
+class ConvStemPatchEmbed(PatchEmbed):
+    """LV-ViT's ``PatchEmbed4_2`` (``p_emb="4_2"``): a 7x7 stride-2 conv and two 3x3 convs (64 channels, BN +
+    ReLU each, no conv bias), then a (p/2) x (p/2) stride-(p/2) projection: the same token grid as a p x p
+    patch embedding. Parameter names as the official code (``conv1, bn1, conv2, bn2, conv3, bn3, proj``)."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 stem_chs: int = 64, **_: Any):
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        c = stem_chs
+        self.conv1 = nn.Conv2d(in_chans, c, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.conv3 = nn.Conv2d(c, c, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.proj = nn.Conv2d(c, embed_dim, kernel_size=patch_size // 2, stride=patch_size // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.relu(self.bn3(self.conv3(x)))
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -370,6 +404,10 @@ class Sparsifiner(VisionTransformer):
         label_smoothing: float = 0.1,
         map_queries: Sequence[int] | None = None,
         pos_embed_init: str = "trunc_normal",
+        p_emb: str | None = None,
+        skip_lam: float = 1.0,
+        aux_head: bool = False,
+        norm_eps: float = 1e-6,
     ):
         num_tokens = (img_size // patch_size) ** 2 + 1
         predictor_kwargs = dict(reduce_n_factor=reduce_n_factor, reduce_c_factor=reduce_c_factor,
@@ -382,8 +420,14 @@ class Sparsifiner(VisionTransformer):
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_rate=drop_rate,
             drop_path_rate=drop_path_rate,
             block_fn=partial(SparsifinerBlock, num_tokens=num_tokens, attn_keep_rate=rates[0], execution=execution,
-                             predictor_kwargs=predictor_kwargs),
+                             predictor_kwargs=predictor_kwargs, skip_lam=skip_lam),
+            norm_layer=partial(nn.LayerNorm, eps=norm_eps),  # DeiT 1e-6; LV-ViT uses torch's default 1e-5
+            **({"embed_layer": ConvStemPatchEmbed} if p_emb == "4_2" else {}),
         )
+        if p_emb not in (None, "4_2"):
+            raise ValueError(f"p_emb must be None (linear patch embedding) or '4_2' (LV-ViT conv stem), got {p_emb!r}")
+        # LV-ViT token-labeling head: a classifier on every patch token; eval logits = cls + 0.5 * max over tokens
+        self.aux_head = nn.Linear(embed_dim, num_classes) if aux_head and num_classes > 0 else None
         for blk, r in zip(self.blocks, rates):
             blk.attn.attn_keep_rate = r
         self.num_tokens = num_tokens
@@ -398,7 +442,7 @@ class Sparsifiner(VisionTransformer):
         self.map_queries = list(map_queries) if map_queries is not None else None
         self._arch = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                           embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                          **predictor_kwargs)
+                          p_emb=p_emb, skip_lam=skip_lam, aux_head=aux_head, norm_eps=norm_eps, **predictor_kwargs)
         self.__dict__["_teacher"] = None  # unregistered: not in state_dict, not a parameter of the student
         self.freeze_pos_embed = freeze_pos_embed
         if pos_embed_init == "sincos":  # 2-D sin-cos start (class token at 0), still learned: helps tiny data
@@ -451,6 +495,28 @@ class Sparsifiner(VisionTransformer):
     def forward(self, x: torch.Tensor, ctx: _Ctx | None = None) -> torch.Tensor:  # type: ignore[override]
         return self.forward_head(self.forward_features(x, ctx))
 
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Class-token logits; with the LV-ViT ``aux_head`` ``+ 0.5 * max_tokens aux_head(tokens)`` (the official
+        inference output). Training with a teacher returns the class-token logits only, as the code (the token
+        head then learns from the token distillation); without a teacher there is no token-level target, so
+        training uses the inference output and the cross-entropy trains both heads (a documented choice: the
+        code never trains without its teacher, and an untrained token head would corrupt eval logits)."""
+        out = super().forward_head(x, pre_logits)
+        if self.aux_head is None or pre_logits or (self.training and self.teacher_ckpt):
+            return out
+        return out + 0.5 * self.aux_head(x[:, self.num_prefix_tokens:]).amax(1)
+
+    def distill_tokens(self, feats: torch.Tensor) -> torch.Tensor:
+        """What the token distillation compares: the last-layer patch tokens (DeiT), or their ``aux_head``
+        outputs (LV-ViT: the code's ``features``)."""
+        tokens = feats[:, self.num_prefix_tokens:]
+        return tokens if self.aux_head is None else self.aux_head(tokens)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        if self.aux_head is not None:
+            self.aux_head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else None
+
     # ------------------------------------------------------------------ teacher + training objective
     def teacher(self, device: torch.device | None = None) -> nn.Module | None:
         """The frozen dense teacher, built from ``teacher_ckpt`` on first use (None without one)."""
@@ -467,7 +533,7 @@ class Sparsifiner(VisionTransformer):
         t = self.teacher(x.device)
         ctx = _Ctx(mode="dense", record_attn=attn)
         feats = t.forward_features(x, ctx)
-        return t.forward_head(feats), feats, ctx.attn
+        return VisionTransformer.forward_head(t, feats), feats, ctx.attn  # class-token logits (the code's teacher: no aux)
 
     def forward_train(self, x: torch.Tensor, y: torch.Tensor, **_: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         w = self.loss_weights
@@ -493,7 +559,9 @@ class Sparsifiner(VisionTransformer):
             t_tok = t_feats[:, 1:]
             if ctx.keep is not None:  # kept tokens only, as the code's masked MSE
                 t_tok = t_tok.gather(1, (ctx.keep[:, 1:] - 1)[..., None].expand(-1, -1, t_tok.shape[-1]))
-            losses["token_distill"] = w["token_distill"] * F.mse_loss(feats[:, 1:], t_tok)
+            with torch.no_grad():
+                t_tok = self.teacher().distill_tokens(torch.cat([t_feats[:, :1], t_tok], 1))
+            losses["token_distill"] = w["token_distill"] * F.mse_loss(self.distill_tokens(feats), t_tok)
         return logits, losses
 
     # ------------------------------------------------------------------ inspection
@@ -580,7 +648,10 @@ def total_macs(model: Sparsifiner) -> tuple[float, float]:
     block at its token count, MHSA from :func:`mhsa_macs`, head. (Equal to the bench's ``gflops`` column,
     which counts the executed sparse kernels.)"""
     N, D = model.num_tokens, model.embed_dim
-    stem = model.patch_embed.proj.weight.numel() * (N - 1) + D * model.num_classes
+    pe = model.patch_embed
+    stem = pe.proj.weight.numel() * (N - 1) + D * model.num_classes
+    if isinstance(pe, ConvStemPatchEmbed):  # LV-ViT's three stride-2-resolution convs before the projection
+        stem += sum(c.weight.numel() for c in (pe.conv1, pe.conv2, pe.conv3)) * (pe.img_size[0] // 2) * (pe.img_size[1] // 2)
     dense = sparse = float(stem)
     n = N
     for i, blk in enumerate(model.blocks):
@@ -589,6 +660,9 @@ def total_macs(model: Sparsifiner) -> tuple[float, float]:
         sparse += n * per_tok
         if i in model.token_budgets:
             n = 1 + min(model.token_budgets[i], n - 1)
+    if model.aux_head is not None:  # eval: the token-labeling head on every remaining patch token
+        dense += (N - 1) * D * model.num_classes
+        sparse += (n - 1) * D * model.num_classes
     d_mhsa, s_mhsa, _ = mhsa_macs(model)
     return dense + d_mhsa, sparse + s_mhsa
 
@@ -625,17 +699,20 @@ def build_teacher(path: str, **arch: Any) -> Sparsifiner:
     return t.eval().requires_grad_(False)
 
 
-def _create(pretrained: bool, timm_name: str | None, **kwargs: Any) -> Sparsifiner:
+def _create(pretrained: bool, timm_name: str | None, url: str | None = None, **kwargs: Any) -> Sparsifiner:
     model = Sparsifiner(**kwargs)
     if pretrained:
-        if timm_name is None:
+        from ..weights import download_weights, extract_state_dict, load_into, safe_load
+
+        if timm_name is not None:
+            import timm
+
+            sd, source = timm.create_model(timm_name, pretrained=True).state_dict(), f"timm:{timm_name}"
+        elif url is not None:
+            sd, source = extract_state_dict(safe_load(download_weights(url))), url
+        else:
             raise ValueError("this variant has no published weights; train it or use pretrained_file=")
-        import timm
-
-        src = timm.create_model(timm_name, pretrained=True)  # DeiT backbone; predictor starts fresh
-        from ..weights import load_into
-
-        load_into(model, checkpoint_filter_fn(src.state_dict(), model), source=f"timm:{timm_name}")
+        load_into(model, checkpoint_filter_fn(sd, model), source=source)  # backbone; the predictor starts fresh
         model.set_phase(model.phase)
     return model
 
@@ -660,6 +737,25 @@ def sparsifiner_deit_small(pretrained: bool = False, **kwargs: Any) -> Sparsifin
                 meta=dict(weights='timm DeiT (`pretrained=true`), official (`pretrained_file=`)', params_m=86.97, gflops=17.6, backbone_top1=81.8, note=_NOTE), **_SPEC)
 def sparsifiner_deit_base(pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
     return _create(pretrained, "deit_base_patch16_224", **{**dict(embed_dim=768, depth=12, num_heads=12), **kwargs})
+
+
+LVVIT_S_URL = "https://github.com/zihangJiang/TokenLabeling/releases/download/1.0/lvvit_s-26M-224-83.3.pth.tar"
+_LVVIT_NOTE = ("LV-ViT-S backbone: 83.3 top-1 (release file name); Sparsifiner-LV-ViT-S table values unverified; "
+               "inference logits = class head + 0.5 max over the token-labeling head, as the official code")
+
+
+@register_model(input_size=(3, 224, 224),
+                source="zoo (timm ViT blocks) + lim142857/Sparsifiner src/models/sparsifiner_lvvit.py; backbone LV-ViT-S (zihangJiang/TokenLabeling)",
+                meta=dict(weights="official LV-ViT-S release (`pretrained=true`), official (`pretrained_file=`)",
+                          backbone_top1=83.3, note=_LVVIT_NOTE), **_SPEC)
+def sparsifiner_lvvit_small(pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
+    """Sparsifiner on LV-ViT-S, as the official ``sparsifiner_lvvit``: 384-d, 16 layers, 6 heads, MLP ratio 3, no
+    qkv bias, the 4-layer conv patch embedding (``p_emb="4_2"``), residual branches divided by ``skip_lam=2``,
+    and the token-labeling ``aux_head``; no token pruning (the official LV-ViT model has none; the option works).
+    ``pretrained=True`` downloads the official LV-ViT-S weights (the backbone; the predictor starts fresh)."""
+    arch = dict(embed_dim=384, depth=16, num_heads=6, mlp_ratio=3.0, qkv_bias=False, p_emb="4_2", skip_lam=2.0,
+                aux_head=True, norm_eps=1e-5)
+    return _create(pretrained, None, url=LVVIT_S_URL, **{**arch, **kwargs})
 
 
 @register_model(input_size=(3, 32, 32), source="zoo (timm ViT, 32 px, patch 4, 4 x 64-d, 4 heads, MLP ratio 2, sin-cos start)", **_SPEC)
