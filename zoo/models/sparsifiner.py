@@ -165,8 +165,8 @@ def csr_attention_cls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     crow, cls_cols = _cls_pattern(G, n, K, q.device)
     goff = (torch.arange(G, device=q.device) * n).view(G, 1, 1)
     cols = torch.cat([cls_cols, (idx.reshape(G, M, K) + goff).view(G, M * K)], dim=1).view(-1)
-    pattern = torch.sparse_csr_tensor(crow, cols, torch.empty(G * per, dtype=q.dtype, device=q.device),
-                                      size=(G * n, G * n), check_invariants=False)  # beta=0: values never read
+    pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(G * per, dtype=q.dtype, device=q.device),
+                                      size=(G * n, G * n), check_invariants=False)  # zeros: beta=0 still reads them
     s = torch.sparse.sampled_addmm(pattern, q.reshape(G * n, d), k.reshape(G * n, d).t(), beta=0.0,
                                    alpha=scale).values().view(G, per)
     p = torch.cat([s[:, :n].softmax(-1), s[:, n:].reshape(G, M, K).softmax(-1).view(G, M * K)], dim=1)
