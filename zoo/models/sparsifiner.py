@@ -126,24 +126,9 @@ def spmm(cols: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, offsets:
                            per_sample_weights=values.to(dense.dtype).contiguous())
 
 
-def csr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
-    """The same attention with sparse kernels, no gathered copies: SDDMM (``torch.sparse.sampled_addmm``)
-    computes the M x K kept scores, a fixed-K softmax, then one block-diagonal CSR x dense product (SpMM)
-    for ``AV``. Inference only (no autograd through the sparse ops); work ``M K d`` for each product."""
-    B, H, M, d = q.shape
-    n, K, G = k.shape[2], idx.shape[-1], B * H
-    crow = torch.arange(0, (M + 1) * K, K, device=q.device).expand(G, M + 1).contiguous()
-    pattern = torch.sparse_csr_tensor(crow, idx.reshape(G, M * K), torch.zeros(G, M * K, dtype=q.dtype, device=q.device),
-                                      size=(G, M, n), check_invariants=False)
-    s = torch.sparse.sampled_addmm(pattern, q.reshape(G, M, d), k.reshape(G, n, d).transpose(1, 2), beta=0.0, alpha=scale)
-    p = s.values().view(G * M, K).softmax(-1)
-    cols = (idx.reshape(G, M, K) + (torch.arange(G, device=q.device) * n).view(G, 1, 1)).reshape(G * M, K)
-    return spmm(cols, p, v.reshape(G * n, d)).view(B, H, M, d)
-
-
 @lru_cache(maxsize=32)
 def _cls_pattern(G: int, n: int, K: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed part of :func:`csr_attention_cls`'s block-diagonal pattern: the row starts of all ``G * n`` rows
+    """The fixed part of :func:`csr_attention`'s block-diagonal pattern: the row starts of all ``G * n`` rows
     (the class row of each block has ``n`` entries, the others ``K``) and the class rows' global columns."""
     per = n + (n - 1) * K
     starts = torch.cat([torch.zeros(1, dtype=torch.long, device=device), n + torch.arange(0, n - 1, device=device) * K])
@@ -153,12 +138,16 @@ def _cls_pattern(G: int, n: int, K: int, device: torch.device) -> tuple[torch.Te
     return crow, cls_cols
 
 
-def csr_attention_cls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
-                      scale: float) -> torch.Tensor:
-    """:func:`csr_attention` for all ``n`` rows at once, the class row (row 0) dense: ``q, k, v: [B, H, n, d]``,
-    ``idx: [B, H, n-1, K]`` for rows 1.. -> ``[B, H, n, d]``. One block-diagonal sparse pattern over all
-    (sample, head) blocks (row 0 of a block has ``n`` entries, the others ``K``) serves both products, so there
-    are no slicing copies, no separate class-row product and no concatenation of outputs."""
+def csr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention under the connectivity mask with sparse kernels (the inference path; no autograd).
+
+    ``q, k, v: [B, H, n, d]``, ``idx: [B, H, n-1, K]`` (the kept keys of rows 1..; row 0, the class token, is
+    dense) -> output ``[B, H, n, d]`` and the class row's attention ``[B, H, n]`` (token pruning ranks by it).
+    SDDMM (``torch.sparse.sampled_addmm``) computes only the kept scores, a softmax per row, then SpMM
+    (:func:`spmm`) for ``AV``: ``(n + (n-1) K) d`` multiply-adds per product and head. One block-diagonal
+    pattern over all (sample, head) blocks serves both products: no gathered copies, no slicing copies, no
+    separate class-row product."""
     B, H, n, d = q.shape
     M, K, G = n - 1, idx.shape[-1], B * H
     per = n + M * K  # stored entries per (sample, head)
@@ -170,7 +159,7 @@ def csr_attention_cls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: to
     s = torch.sparse.sampled_addmm(pattern, q.reshape(G * n, d), k.reshape(G * n, d).t(), beta=0.0,
                                    alpha=scale).values().view(G, per)
     p = torch.cat([s[:, :n].softmax(-1), s[:, n:].reshape(G, M, K).softmax(-1).view(G, M * K)], dim=1)
-    return spmm(cols, p.view(-1), v.reshape(G * n, d), crow[:-1]).view(B, H, n, d)
+    return spmm(cols, p.view(-1), v.reshape(G * n, d), crow[:-1]).view(B, H, n, d), p[:, :n].view(B, H, n)
 
 
 def topk_nonneg(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,12 +303,12 @@ class SparsifinerAttention(Attention):
                 ctx.idx.append(idx)
                 ctx.keeps.append(ctx.keep)
             name = ("csr" if not torch.is_grad_enabled() else "gather") if self.execution == "auto" else self.execution
-            if name == "csr" and not ctx.need_cls_attn:  # inference: one sparse product, class row included
-                o = csr_attention_cls(q, k, v, idx, self.scale)
+            if name == "csr":  # inference: one sparse pattern, class row included
+                o, ctx.cls_attn = csr_attention(q, k, v, idx, self.scale)
             else:
                 a0 = ((q[:, :, :1] @ k.transpose(-2, -1)) * self.scale).softmax(-1)  # class row: dense
                 ctx.cls_attn = a0[:, :, 0]
-                kernel = {"gather": gather_attention, "masked": masked_dense_attention, "csr": csr_attention}[name]
+                kernel = {"gather": gather_attention, "masked": masked_dense_attention}[name]
                 o = torch.cat([a0 @ v, kernel(q[:, :, 1:], k, v, idx, self.scale)], dim=2)
         x = o.transpose(1, 2).reshape(B, n, C)
         return self.proj_drop(self.proj(x))
