@@ -9,7 +9,7 @@ from timm.optim import param_groups_weight_decay
 import zoo
 from zoo.bench import _count_gmacs
 from zoo.models.sparsifiner import (csr_attention, gather_attention, masked_dense_attention,
-                                     mhsa_macs, spmm, topk_nonneg)
+                                     mhsa_macs, spmm, topk_indices_nonneg, topk_nonneg)
 
 NANO = dict(num_classes=10)
 
@@ -83,6 +83,16 @@ def test_spmm_and_nonnegative_topk_match_torch():
     got, ref = topk_nonneg(x, 50), x.topk(50, -1, sorted=False)
     assert torch.equal(got[1].sort(-1).values, ref.indices.sort(-1).values)
     assert torch.equal(got[0].sort(-1).values, ref.values.sort(-1).values)
+    big = torch.randperm(400 * 197).float().view(400, 197) / 1e3  # distinct scores: one right answer
+    threads = torch.get_num_threads()
+    try:
+        for nt in (1, 2):  # numpy's argpartition over row blocks, one block per torch thread
+            torch.set_num_threads(nt)
+            got = topk_indices_nonneg(big.view(2, 200, 197), 50)
+            assert got.shape == (2, 200, 50)
+            assert torch.equal(got.view(400, 50).sort(-1).values, big.topk(50, -1).indices.sort(-1).values)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("prune", [(), (1, 2)])

@@ -172,6 +172,35 @@ def topk_nonneg(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals.view(torch.float32), ids
 
 
+_SELECT_POOL: list = []  # one lazily created thread pool for :func:`topk_indices_nonneg`
+
+
+def topk_indices_nonneg(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of :func:`topk_nonneg` (the connectivity mask: no values, no gradient). On CPU, numpy's
+    ``argpartition`` (introselect on the int32 view) over row blocks in ``torch.get_num_threads()`` threads (it
+    releases the GIL): measured 11.1 vs 14.0 ms (1 thread) and 4.8 vs 7.0 ms (2 threads) for 50 of 197 over
+    9408 rows. Equal scores at the boundary may pick a different (equally valid) key than ``torch.topk``."""
+    n = x.shape[-1]
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad or k >= n or x.numel() < 65536:
+        return topk_nonneg(x, min(k, n))[1]
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    a = x.detach().contiguous().view(torch.int32).reshape(-1, n).numpy()
+    out = np.empty((a.shape[0], k), dtype=np.int64)
+    workers = max(1, torch.get_num_threads())
+    if len(_SELECT_POOL) == 0 or _SELECT_POOL[0]._max_workers != workers:
+        _SELECT_POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix="sparsifiner-topk")]
+    bounds = np.linspace(0, a.shape[0], workers + 1).astype(int)
+
+    def select(lo: int, hi: int) -> None:
+        out[lo:hi] = np.argpartition(a[lo:hi], n - k, axis=-1)[:, n - k:]
+
+    list(_SELECT_POOL[0].map(select, bounds[:-1], bounds[1:]))
+    return torch.from_numpy(out).view(*x.shape[:-1], k)
+
+
 def masked_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
                            scale: float) -> torch.Tensor:
     """The official execution: dense ``QK^T``, keys outside ``idx`` set to -inf, softmax, ``AV``."""
@@ -240,7 +269,7 @@ class MaskPredictor(nn.Module):
 
     def connectivity(self, approx: torch.Tensor, budget: int) -> torch.Tensor:
         """Top-``budget`` key indices per query row: ``[B, H, n-1, budget]`` (detached, like the code's mask)."""
-        return topk_nonneg(approx.detach(), budget)[1]  # C >= 0 and |W_up| >= 0: A_hat is non-negative
+        return topk_indices_nonneg(approx.detach(), budget)  # C >= 0 and |W_up| >= 0: A_hat is non-negative
 
 
 # ---------------------------------------------------------------------------------------- attention / block
