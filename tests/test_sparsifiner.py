@@ -8,8 +8,9 @@ from timm.optim import param_groups_weight_decay
 
 import zoo
 from zoo.bench import _count_gmacs
-from zoo.models.sparsifiner import (csr_attention, gather_attention, masked_dense_attention,
-                                     mhsa_macs, spmm, topk_indices_nonneg, topk_nonneg)
+from zoo.layers.sparse_attention import (csr_attention, gather_attention, masked_dense_attention, spmm,
+                                         topk_indices_nonneg, topk_nonneg)
+from zoo.models.sparsifiner import mhsa_macs
 
 NANO = dict(num_classes=10)
 
