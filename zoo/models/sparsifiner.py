@@ -406,10 +406,9 @@ class Sparsifiner(VisionTransformer):
             return out
         return out + 0.5 * self.aux_head(x[:, self.num_prefix_tokens:]).amax(1)
 
-    def distill_tokens(self, feats: torch.Tensor) -> torch.Tensor:
-        """What the token distillation compares: the last-layer patch tokens (DeiT), or their ``aux_head``
-        outputs (LV-ViT: the code's ``features``)."""
-        tokens = feats[:, self.num_prefix_tokens:]
+    def distill_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What the token distillation compares, from the last-layer patch tokens: the tokens themselves
+        (DeiT), or their ``aux_head`` outputs (LV-ViT: the code's ``features``)."""
         return tokens if self.aux_head is None else self.aux_head(tokens)
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
@@ -460,8 +459,8 @@ class Sparsifiner(VisionTransformer):
             if ctx.keep is not None:  # kept tokens only, as the code's masked MSE
                 t_tok = t_tok.gather(1, (ctx.keep[:, 1:] - 1)[..., None].expand(-1, -1, t_tok.shape[-1]))
             with torch.no_grad():
-                t_tok = self.teacher().distill_tokens(torch.cat([t_feats[:, :1], t_tok], 1))
-            losses["token_distill"] = w["token_distill"] * F.mse_loss(self.distill_tokens(feats), t_tok)
+                t_tok = self.teacher().distill_tokens(t_tok)
+            losses["token_distill"] = w["token_distill"] * F.mse_loss(self.distill_tokens(feats[:, 1:]), t_tok)
         return logits, losses
 
     # ------------------------------------------------------------------ inspection
