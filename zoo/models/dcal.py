@@ -82,9 +82,10 @@ Measured (CPU, 2 shared cores, OMP_NUM_THREADS=1):
   time of timm's DeiT-T (interleaved): the rollout needs every SA block's probabilities, so no fused
   attention; the explicit attention runs per image in cache-sized query blocks (without that: 2x).
 - Training, digits (``experiment=dcal_deit_nano_digits``, 25 epochs, lr 2e-3), seeds 42 / 1 / 2: test top-1
-  0.981 / 0.997 / 0.978 in 3-4 min wall (114-121 s CPU); the SA-only baseline
-  (``experiment=dcal_deit_nano_sa_only_digits``, same recipe) 0.983 / 0.983 / 0.992 in 1.5-2 min (55-58 s CPU):
-  on digits, from scratch, DCAL is not better than SA alone, and a DCAL step costs ~2.1x an SA step (the
+  0.9889 / 0.9861 / 0.9889 (best-on-val; last epoch 0.9916 / 0.9944 / 0.9916) in 117-119 s; the SA-only
+  baseline (``experiment=dcal_deit_nano_sa_only_digits``, same recipe) 0.9833 / 0.9833 / 0.9916 in 51-52 s
+  (re-measured 2026-11-28 under the seeded epoch order; one thread each): on digits, from scratch, DCAL is
+  level with SA alone (mean 0.988 vs 0.986, within one test image), and a DCAL step costs ~2.1x an SA step (the
   PWCA stream doubles the blocks' work; the paper: 3.8 h vs 2.1 h for DeiT-T on CUB). At lr 4e-3 PWCA slows
   the start: seed 2 sat at chance for 12 epochs (test 0.610); val top-1 after 8 epochs
   (``trainer.max_epochs=8``, seed 2): full 0.67, PWCA only 0.64, GLCA only 0.93, SA only 0.94, full at lr 2e-3
