@@ -99,7 +99,12 @@ def topk_nonneg(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals.view(torch.float32), ids
 
 
-_SELECT_POOL: list = []  # one lazily created thread pool for :func:`topk_indices_nonneg`
+@lru_cache(maxsize=4)
+def _select_pool(workers: int):
+    """One thread pool per thread count for :func:`topk_indices_nonneg`, created on first use."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(workers, thread_name_prefix="sparsifiner-topk")
 
 
 def topk_indices_nonneg(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -110,21 +115,17 @@ def topk_indices_nonneg(x: torch.Tensor, k: int) -> torch.Tensor:
     n = x.shape[-1]
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad or k >= n or x.numel() < 65536:
         return topk_nonneg(x, min(k, n))[1]
-    from concurrent.futures import ThreadPoolExecutor
-
     import numpy as np
 
     a = x.detach().contiguous().view(torch.int32).reshape(-1, n).numpy()
     out = np.empty((a.shape[0], k), dtype=np.int64)
     workers = max(1, torch.get_num_threads())
-    if len(_SELECT_POOL) == 0 or _SELECT_POOL[0]._max_workers != workers:
-        _SELECT_POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix="sparsifiner-topk")]
     bounds = np.linspace(0, a.shape[0], workers + 1).astype(int)
 
     def select(lo: int, hi: int) -> None:
         out[lo:hi] = np.argpartition(a[lo:hi], n - k, axis=-1)[:, n - k:]
 
-    list(_SELECT_POOL[0].map(select, bounds[:-1], bounds[1:]))
+    list(_select_pool(workers).map(select, bounds[:-1], bounds[1:]))
     return torch.from_numpy(out).view(*x.shape[:-1], k)
 
 
