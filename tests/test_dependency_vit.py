@@ -167,3 +167,188 @@ def test_bad_prune_config():
         DependencyViT(embed_dim=32, depth=2, num_heads=2, prune_layers=(3,), prune_ratio=0.1)
     with pytest.raises(ValueError, match="prune_ratio"):
         DependencyViT(embed_dim=32, depth=2, num_heads=2, prune_layers=(1, 2), prune_ratio=0.5)
+
+
+# ---------------------------------------------------------------------------------------- timm surface
+NAMES = ("dependencyvit_nano", "dependencyvit_lite_nano")
+
+
+def _fresh(name: str, **kw) -> DependencyViT:
+    torch.manual_seed(0)
+    return zoo.create_model(name, num_classes=10, **kw).eval()
+
+
+def test_contract_and_capabilities():
+    from zoo.contract import ZooModel, capabilities, contract_violations
+
+    for name in NAMES:
+        net = _fresh(name)
+        assert isinstance(net, ZooModel)
+        assert capabilities(net).declared() == ["attention_maps", "bench_extras"]
+        missing = {"lacks timm's pretrained_cfg", "lacks timm's default_cfg"}  # set by create_model (lead)
+        assert [p for p in contract_violations(net, "classification") if p not in missing] == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_head_pre_logits_and_reset_classifier(name):
+    net = _fresh(name)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = net.forward_features(x)
+        assert torch.equal(net(x), net.forward_head(feats))
+        pooled = net.forward_head(feats, pre_logits=True)
+        assert isinstance(net.num_features, int) and isinstance(net.head_hidden_size, int)
+        assert pooled.shape == (2, net.head_hidden_size) and net.head_hidden_size == net.num_features == 64
+        assert net.get_classifier() is net.head
+        net.reset_classifier(5)
+        assert net(x).shape == (2, 5) and net.get_classifier().out_features == 5
+        net.reset_classifier(0)
+        assert isinstance(net.get_classifier(), torch.nn.Identity)
+        torch.testing.assert_close(net(x), pooled)  # pooled pre-logits [B, num_features]
+        net.reset_classifier(0, global_pool="")
+        out = net(x)
+    assert out.shape == feats.shape == (2, 64 if name == "dependencyvit_nano" else 32, 64)  # unpooled tokens
+    torch.testing.assert_close(out, feats)
+    net.reset_classifier(0, global_pool="max")
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), feats.amax(1))
+
+
+def test_no_weight_decay_and_group_matcher():
+    from timm.models._manipulate import group_parameters
+
+    for name in NAMES:
+        net = _fresh(name)
+        params = dict(net.named_parameters())
+        assert net.no_weight_decay() == {"pos_embed"} and set(net.no_weight_decay()) <= set(params)
+        for coarse in (False, True):
+            groups = group_parameters(net, net.group_matcher(coarse=coarse))
+            grouped = [n for names in groups.values() for n in names]
+            assert sorted(grouped) == sorted(params)  # every parameter in exactly one group
+            assert len(groups) >= len(net.blocks)
+
+
+def _saved_tensors(net, x) -> int:
+    count = [0]
+
+    def pack(t):
+        count[0] += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(x)
+    return count[0], out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_checkpointing_is_real(name):
+    x = torch.randn(2, 3, 32, 32)
+    results = []
+    for enable in (False, True):
+        net = _fresh(name).train()  # no dropout / drop-path in the nano variants
+        net.set_grad_checkpointing(enable)
+        assert net.grad_checkpointing is enable
+        saved, out = _saved_tensors(net, x)
+        out.square().sum().backward()
+        results.append((saved, out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}))
+    (n_plain, out_plain, g_plain), (n_ckpt, out_ckpt, g_ckpt) = results
+    assert n_ckpt < n_plain / 2, (n_ckpt, n_plain)
+    torch.testing.assert_close(out_ckpt, out_plain, atol=1e-5, rtol=1e-5)
+    assert g_ckpt.keys() == g_plain.keys()
+    for n in g_plain:
+        torch.testing.assert_close(g_ckpt[n], g_plain[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def _block_outputs(net, x) -> list[torch.Tensor]:
+    outs = []
+    hooks = [b.register_forward_hook(lambda m, a, o: outs.append(o[0])) for b in net.blocks]
+    with torch.no_grad():
+        net.forward_features(x)
+    for h in hooks:
+        h.remove()
+    return outs
+
+
+def test_forward_intermediates_full_grid(nano):
+    x = torch.randn(2, 3, 32, 48)  # dynamic image size: 8 x 12 patch grid
+    blocks = _block_outputs(nano, x)
+    with torch.no_grad():
+        final, maps = nano.forward_intermediates(x)
+        assert torch.equal(final, nano.forward_features(x))
+        assert len(maps) == len(nano.feature_info) == 4
+        for y, ref, info in zip(maps, blocks, nano.feature_info):
+            assert y.shape == (2, info["num_chs"], 32 // info["reduction"], 48 // info["reduction"]) == (2, 64, 8, 12)
+            torch.testing.assert_close(y.flatten(2).transpose(1, 2), ref)  # patch tokens on the grid, row-major
+        assert [i["module"] for i in nano.feature_info] == [f"blocks.{i}" for i in range(4)]
+        nlc = nano.forward_intermediates(x, indices=[0, -1], output_fmt="NLC", intermediates_only=True)
+        assert len(nlc) == 2
+        torch.testing.assert_close(nlc[0], blocks[0])
+        torch.testing.assert_close(nlc[1], blocks[3])
+        last2 = nano.forward_intermediates(x, indices=2, norm=True, intermediates_only=True)
+        torch.testing.assert_close(last2[0], nano.norm(blocks[2]).transpose(1, 2).reshape(2, 64, 8, 12))
+        early_final, early = nano.forward_intermediates(x, indices=[1], stop_early=True)
+        torch.testing.assert_close(early[0], maps[1])
+        torch.testing.assert_close(early_final, nano.norm(blocks[1]))
+    with pytest.raises(ValueError, match="output_fmt"):
+        nano.forward_intermediates(x, output_fmt="NHWC")
+
+
+def test_prune_intermediate_layers_and_feature_getter():
+    from timm.models._features import FeatureGetterNet
+
+    net = _fresh("dependencyvit_nano")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = net.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
+    assert net.prune_intermediate_layers(indices=[1, -2]) == [1, 2]
+    assert len(net.blocks) == 3 and isinstance(net.head, torch.nn.Identity) and net.global_pool == ""
+    with torch.no_grad():
+        torch.testing.assert_close(net.forward_intermediates(x, indices=[1, 2], intermediates_only=True), ref)
+
+    net = FeatureGetterNet(_fresh("dependencyvit_nano"), out_indices=(0, 3))
+    with torch.no_grad():
+        maps = net(x)
+    assert [m.shape[1] for m in maps] == net.feature_info.channels() == [64, 64]
+    assert [32 // m.shape[-1] for m in maps] == net.feature_info.reduction() == [4, 4]
+
+
+def test_lite_intermediates_only_before_the_first_pruning(lite_nano):
+    from timm.models._features import FeatureGetterNet
+
+    x = torch.randn(2, 3, 32, 32)
+    assert lite_nano.features_unsupported is None  # block 0 keeps the grid
+    assert lite_nano.feature_info == [dict(module="blocks.0", num_chs=64, reduction=4)]
+    blocks = _block_outputs(lite_nano, x)
+    with torch.no_grad():
+        final, maps = lite_nano.forward_intermediates(x)  # None: every block in feature_info
+        assert torch.equal(final, lite_nano.forward_features(x))
+        assert len(maps) == 1 and maps[0].shape == (2, 64, 8, 8)
+        torch.testing.assert_close(maps[0].flatten(2).transpose(1, 2), blocks[0])
+        assert torch.equal(lite_nano.forward_intermediates(x, indices=[0], intermediates_only=True)[0], maps[0])
+    for bad in ([1], [-1], 2, [0, 3]):
+        with pytest.raises(ValueError, match=r"dynamic pooling.*dependency_masks\(\)/dependency_tree\(\)"):
+            lite_nano.forward_intermediates(x, indices=bad)
+    with pytest.raises(ValueError, match="dynamic pooling"):
+        FeatureGetterNet(_fresh("dependencyvit_lite_nano"), out_indices=(0, 1))
+    net = FeatureGetterNet(_fresh("dependencyvit_lite_nano"), out_indices=(0,))
+    assert len(net.model.blocks) == 1
+    with torch.no_grad():
+        out = net(x)
+    assert [m.shape for m in out] == [(2, 64, 8, 8)] and net.feature_info.channels() == [64]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eval_output_does_not_depend_on_batch_mates(name):
+    net = _fresh(name)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x)[:1], net(x[:1]), atol=1e-5, rtol=1e-5)
+
+
+def test_sincos_pos_embed_start_is_the_shared_table():
+    from timm.layers import build_sincos2d_pos_embed
+
+    net = _fresh("dependencyvit_nano")
+    torch.testing.assert_close(net.pos_embed.data, build_sincos2d_pos_embed([8, 8], 64).reshape(1, 64, 64))
+    with pytest.raises(ValueError, match="pos_embed_init"):
+        DependencyViT(embed_dim=32, depth=1, num_heads=2, pos_embed_init="zeros")

@@ -37,7 +37,7 @@ Documented choices (the paper leaves them open here, or they could not be checke
   (``global_pool='avg'``, ``fc_norm=False``).
 - heads: DeiT geometry, Tiny 192-d x 12 blocks x 3 heads, Small 384-d x 12 x 6 (the draft used 12 heads for
   both; the paper's head counts could not be checked). ``num_heads`` is a constructor argument; 12 heads of
-  16 dims make the N x N softmax 4x larger: 3.3 vs 4.2 img/s here (CPU, batch 16, 224 px).
+  16 dims make the N x N softmax 4x larger (the measured cost is in ``results/dependency_vit.md``).
 - ``qkv_bias=True`` (DeiT/ViT default; the draft used False), LayerScale off for the paper sizes (the
   draft's 1e-6 is a constructor argument, ``init_values``), learned absolute position embeddings resampled
   for other input sizes (``dynamic_img_size=True``).
@@ -61,20 +61,30 @@ Documented choices (the paper leaves them open here, or they could not be checke
   and the position embedding *starts* from a 2-D sin-cos table (``pos_embed_init='sincos'``, still learned):
   a plain trunc-normal start learned digits much more slowly. ``dependencyvit_lite_nano`` prunes 25% of the
   64 tokens after blocks 2 and 4 (64 -> 48 -> 32).
-- Variable sequence length: ``features_only`` / ``forward_intermediates`` are not supported (they raise);
-  the dependency structure is read with ``dependency_masks`` / ``dependency_tree`` / ``attention_maps``.
+- timm surface: ``forward_head`` pools with ``global_pool`` (``reset_classifier(0, global_pool='')`` returns
+  the unpooled tokens), ``set_grad_checkpointing`` recomputes each block (its ``(tokens, m, positions)``
+  state passes through ``torch.utils.checkpoint``, non-reentrant). ``forward_intermediates`` gives the block
+  outputs (NCHW at stride ``patch_size``, or NLC), one per block, indexed like timm's ViT. Dynamic pooling
+  removes tokens from the grid, so Lite can only give the blocks *before* its first pruning block (block 0
+  alone for the registered Lite variants); ``feature_info`` lists just those, ``indices=None`` means all of
+  them, and asking for a later block raises ``ValueError`` (read ``dependency_masks`` / ``dependency_tree``
+  for positions, or ``forward_features`` for the surviving tokens).
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerScale, Mlp, build_sincos2d_pos_embed
+import torch.utils.checkpoint
+from timm.layers import DropPath, LayerScale, Mlp
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..contract import Capabilities, ZooModel
+from ..layers.pos_embed import check_pos_embed_init, init_sincos_pos_embed_
 from ..registry import register_model
 
 PAPER = "Ding et al., Visual Dependency Transformers: Dependency Tree Emerges from Reversed Attention, CVPR 2023"
@@ -188,10 +198,12 @@ class DependencyBlock(nn.Module):
         return x, m, pos, extras
 
 
-class DependencyViT(VisionTransformer):
+class DependencyViT(ZooModel, VisionTransformer):
     """timm ``VisionTransformer`` with reversed-attention blocks, no class token, average pooling and
     optional dynamic pooling (DependencyViT-Lite). Parameter names follow timm's ViT, plus
     ``blocks.i.attn.head_selector`` and ``blocks.i.attn.message_controller``."""
+
+    zoo_capabilities = Capabilities(attention_maps=True, bench_extras=True)
 
     def __init__(self, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 192, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
@@ -200,6 +212,8 @@ class DependencyViT(VisionTransformer):
                  cumulative_m: bool = False, prune_layers: Sequence[int] = (), prune_ratio: float = 0.0,
                  prune_score: str = "sent", explain_layer: int = -1, num_parts: int = 6,
                  pos_embed_init: str = "trunc_normal"):
+        check_pos_embed_init(pos_embed_init)
+
         def block_fn(**kw):
             return DependencyBlock(**kw, head_temperature=head_temperature, cumulative_m=cumulative_m)
 
@@ -221,11 +235,9 @@ class DependencyViT(VisionTransformer):
         self.cumulative_m = cumulative_m
         self.explain_layer, self.num_parts = explain_layer, num_parts
         if pos_embed_init == "sincos":  # fixed 2-D sin-cos start, still learned: helps tiny data sets
-            with torch.no_grad():
-                grid = list(self.patch_embed.grid_size)
-                self.pos_embed.copy_(build_sincos2d_pos_embed(grid, embed_dim).reshape(1, -1, embed_dim))
-        elif pos_embed_init != "trunc_normal":
-            raise ValueError(f"pos_embed_init must be 'trunc_normal' or 'sincos', got {pos_embed_init!r}")
+            init_sincos_pos_embed_(self.pos_embed, self.patch_embed.grid_size, embed_dim)
+        # block outputs that still hold the whole patch grid: all blocks, or those before Lite's first pruning
+        self.feature_info = self.feature_info[:self._num_grid_blocks()]
 
     # ------------------------------------------------------------------ token counts
     def keep_counts(self, num_tokens: int) -> list[int]:
@@ -237,38 +249,105 @@ class DependencyViT(VisionTransformer):
             out.append(n)
         return out
 
+    def _num_grid_blocks(self) -> int:
+        """How many leading blocks output the whole patch grid (all, or those before the first pruning)."""
+        return next((i for i, blk in enumerate(self.blocks) if blk.prune_stage), len(self.blocks))
+
+    # ------------------------------------------------------------------ timm surface
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed"}  # the only token-like parameter (no class/register/distillation token)
+
     # ------------------------------------------------------------------ forward
-    def _run(self, x: torch.Tensor, record: Sequence[int] = ()):
-        """Patch tokens through all blocks. Returns ``(tokens, m, pos, {layer: (a_m, pos_before)})``."""
+    def _blocks(self, x: torch.Tensor, record: Sequence[int] = (), last: int | None = None) -> Iterator[tuple]:
+        """Patch tokens through blocks ``0..last`` (all by default); yields ``(i, x, m, pos, pos_in, extras)``
+        after each block, ``pos_in`` being the block's input positions. With grad checkpointing each block
+        is recomputed in backward; its whole state ``(x, m, pos)`` goes through the checkpoint."""
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         B, N0, _ = x.shape
         pos = torch.arange(N0, device=x.device).expand(B, N0)
         counts = self.keep_counts(N0)
-        m, recs = None, {}
-        for i, blk in enumerate(self.blocks):
+        m = None
+        blocks = self.blocks if last is None else self.blocks[:last + 1]
+        for i, blk in enumerate(blocks):
+            kw = dict(keep=counts[i] if blk.prune_stage else None, prune_score=self.prune_score,
+                      return_attn=i in record)
             pos_in = pos
-            keep = counts[i] if blk.prune_stage else None
-            x, m, pos, extras = blk(x, m, pos, keep=keep, prune_score=self.prune_score, return_attn=i in record)
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x, m, pos, extras = torch.utils.checkpoint.checkpoint(blk, x, m, pos, use_reentrant=False, **kw)
+            else:
+                x, m, pos, extras = blk(x, m, pos, **kw)
+            yield i, x, m, pos, pos_in, extras
+
+    def _run(self, x: torch.Tensor, record: Sequence[int] = ()):
+        """Patch tokens through all blocks. Returns ``(tokens, m, pos, {layer: (a_m, pos_before)})``."""
+        recs = {}
+        for i, x, m, pos, pos_in, extras in self._blocks(x, record):
             if i in record:
                 recs[i] = (extras["a_m"], pos_in)
         return x, m, pos, recs
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, m, pos, _ = self._run(x)
+    def _final(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
         return x * m if self.cumulative_m else x
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x, m, _, _ = self._run(x)
+        return self._final(x, m)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(1)  # only the surviving tokens are left: pruned ones cannot enter the pool
+        x = self.pool(x)  # global_pool over the tokens left: pruned ones cannot enter the pool
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def forward_intermediates(self, *args, **kwargs):
-        raise NotImplementedError("DependencyViT blocks carry (tokens, m, positions) and Lite changes the token "
-                                  "count inside blocks; use dependency_masks()/dependency_tree() or forward_features()")
+    def _take_indices(self, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+        """timm's block indices (None: every block with a grid); a block after Lite's first pruning raises."""
+        grid = self._num_grid_blocks()
+        take, max_index = feature_take_indices(len(self.blocks), list(range(grid)) if indices is None else indices)
+        if max_index >= grid:
+            raise ValueError(
+                f"DependencyViT-Lite drops tokens (dynamic pooling) in blocks {list(self.prune_layers)} "
+                f"(1-indexed), so only blocks 0..{grid - 1} (0-indexed) keep the whole patch grid; asked for "
+                f"{take}. For the later blocks read dependency_masks()/dependency_tree() (token positions per "
+                "layer) or forward_features() (the surviving tokens).")
+        return take, max_index
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """Block outputs, timm's ViT semantics: ``indices`` int = last n blocks, list = block indices (negative
+        allowed), None = every block in ``feature_info``. NCHW maps are ``[B, C, H / patch, W / patch]``,
+        NLC keeps the tokens. Returns the list if ``intermediates_only``, else ``(forward_features(x), list)``
+        (the final features of the last block run, when ``stop_early``)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = self._take_indices(indices)
+        B, _, height, width = x.shape
+        gh, gw = self.patch_embed.dynamic_feat_size((height, width))
+        intermediates = []
+        for i, x, m, _, _, _ in self._blocks(x, last=max_index if stop_early else None):
+            if i in take:
+                y = self.norm(x) if norm else x
+                intermediates.append(y.reshape(B, gh, gw, -1).permute(0, 3, 1, 2).contiguous()
+                                     if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        return self._final(x, m), intermediates
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last index kept (and the norm / head, as timm); returns the kept indices."""
+        take, max_index = self._take_indices(indices)
+        self.blocks = self.blocks[:max_index + 1]
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take
 
     # ------------------------------------------------------------------ dependency structure
     def _layers(self, layers: Sequence[int] | int | None) -> list[int]:
