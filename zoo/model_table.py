@@ -5,9 +5,9 @@ between the two markers below. A test checks that the README holds exactly what 
 
 Columns: params (built on the meta device), GFLOPs (multiply-adds at the model's default input size,
 counted on the meta device like ``zoo bench``; a model's own analytic count where its execution is
-sparse), the paper's numbers and dataset from the spec's ``meta`` (``params_m``, ``gflops`` or
-``gmacs``, ``top1`` / ``<dataset>_top1``, ``miou``, ``dataset``), the experiment configs that train it (``configs/experiment/*.yaml`` naming it
-as their model), and the weights a user can load (``meta['weights']``).
+sparse), the paper's numbers from the spec's typed ``reference`` (params, GFLOPs, metrics with dataset
+and resolution), the experiment configs that train it (``configs/experiment/*.yaml`` naming it as their
+model), and the weights a user can load (the spec's ``weights``).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .contract import capabilities
 from .errors import ZooError
 from .registry import count_params_m, create_model, get_spec, list_models
 
@@ -45,7 +46,7 @@ def gmacs(name: str) -> float | None:
     size = spec.input_size[-1]
     with torch.device("meta"):
         net = create_model(name).eval()
-    extras = net.bench_extras(size) if hasattr(net, "bench_extras") else {}
+    extras = net.bench_extras(size) if capabilities(net).bench_extras else {}
     if "total_gmacs_analytic" in extras:  # sparse execution: the counter would see dense products
         return float(extras["total_gmacs_analytic"])
     try:
@@ -65,26 +66,6 @@ def gmacs(name: str) -> float | None:
         return counter.get_total_flops() / 2 / 1e9
 
 
-def _ref(meta: dict[str, Any]) -> str:
-    """The paper's numbers from the spec's meta: params, GFLOPs (or GMACs), and every ``*top1`` / ``miou``."""
-    parts = []
-    if meta.get("params_m") is not None:
-        parts.append(f"{meta['params_m']}M")
-    flops = meta.get("gflops", meta.get("gmacs"))
-    if flops is not None:
-        parts.append(f"{flops} GFLOPs")
-    for key, value in meta.items():
-        if key.startswith(("baseline", "backbone")) or value is None:
-            continue
-        if key in ("top1", "miou", "auc"):
-            parts.append(f"{'top-1' if key == 'top1' else key} {value}")
-        elif key.endswith(("_top1", "_miou")):
-            parts.append(f"{key.rsplit('_', 1)[0]} {value}")
-    if parts and meta.get("dataset"):
-        parts.append(f"({meta['dataset']})")
-    return " ".join(parts) or "-"
-
-
 def rows(names: list[str] | None = None) -> list[dict[str, Any]]:
     by_model = recipes()
     out = []
@@ -94,8 +75,8 @@ def rows(names: list[str] | None = None) -> list[dict[str, Any]]:
         size = "bag" if spec.task == "mil" else "x".join(str(s) for s in spec.input_size[-2:])
         out.append(dict(
             model=name, task=spec.task, input=size, params_m=round(count_params_m(name), 3),
-            gmacs=None if g is None else round(g, 3), paper=_ref(spec.meta),
-            recipes=by_model.get(name, []), weights=spec.meta.get("weights", "-"),
+            gmacs=None if g is None else round(g, 3), paper=spec.reference.describe(),
+            recipes=by_model.get(name, []), weights=spec.weights.describe(),
         ))
     return out
 

@@ -1,78 +1,22 @@
 """Name -> model spec. The one place that knows which models exist and what input they take.
 
-Model files register their variants with ``@register_model(...)``; everything else asks this module.
-Modelled on torchvision's ``models/_api.py`` (duplicates raise) and timm's ``create_model``.
+Model files register their variants with ``@register_model(...)`` (the keywords are
+:class:`zoo.spec.ModelSpec`'s fields); everything else asks this module. Modelled on torchvision's
+``models/_api.py`` (duplicates raise) and timm's ``create_model``. After the models are imported the
+classification models are also registered in timm's registry (:mod:`zoo.timm_interop`).
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import fnmatch
 import inspect
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .errors import DuplicateModelError, InputSizeError, ModelArgumentError, UnknownModelError, ZooError
-
-TASKS = ("classification", "segmentation", "mil")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the zoo knows about a registered model, before building it."""
-
-    name: str
-    builder: Callable[..., nn.Module]
-    task: str
-    input_size: tuple[int, int, int] = (3, 224, 224)  # default (C, H, W); for MIL: () or instance size
-    size_divisor: int = 1  # H and W must be multiples of this
-    min_size: int = 1
-    fixed_input_size: bool = False
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    paper: str = ""
-    source: str = ""  # where the implementation comes from, e.g. "timm:halonet26t"
-    checkpoint_filter: Callable[[dict, nn.Module], dict] | None = None  # official keys -> zoo keys
-    meta: dict[str, Any] = field(default_factory=dict)  # reference numbers: params_m, gflops, top1 ...
-
-    # ------------------------------------------------------------------ input sizes
-    def valid_sizes(self, around: int | None = None, count: int = 3) -> list[int]:
-        """A few legal side lengths near ``around`` (default: the spec's own size)."""
-        if self.fixed_input_size:
-            return [self.input_size[-1]]
-        d = self.size_divisor
-        start = max(self.min_size, around or self.input_size[-1])
-        lo = max(d, (start // d) * d)
-        lo = max(lo, ((self.min_size + d - 1) // d) * d)
-        return [lo + i * d for i in range(count)]
-
-    def check_input_size(self, size: int | tuple[int, int] | torch.Size) -> None:
-        """Raise :class:`InputSizeError` naming legal sizes unless ``size`` (H, W) fits this model."""
-        if self.task == "mil":
-            return
-        h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
-        fixed = self.input_size[-2:]
-        if self.fixed_input_size and (h, w) != tuple(fixed):
-            raise InputSizeError(
-                f"{self.name} takes exactly {fixed[0]}x{fixed[1]} inputs; got {h}x{w}. "
-                f"Resize your images (data.img_size={fixed[0]})."
-            )
-        bad = [s for s in (h, w) if s % self.size_divisor or s < self.min_size]
-        if bad:
-            sizes = ", ".join(str(s) for s in self.valid_sizes(around=max(h, w)))
-            rule = f"multiples of {self.size_divisor}" if self.size_divisor > 1 else "sides"
-            rule += f" of at least {self.min_size}" if self.min_size > 1 else ""
-            raise InputSizeError(
-                f"{self.name} needs input height and width that are {rule} "
-                f"(for example {sizes}); got {h}x{w}. Resize or crop to a legal size, "
-                f"e.g. data.img_size={self.valid_sizes(around=max(h, w), count=1)[0]}."
-            )
-
+from .errors import DuplicateModelError, ModelArgumentError, UnknownModelError, WeightsError, ZooError
+from .spec import IMAGENET_MEAN, IMAGENET_STD, TASKS, Metric, ModelSpec, Reference, Weights  # noqa: F401
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
@@ -94,8 +38,18 @@ def register_model(
     return wrap(fn) if fn is not None else wrap
 
 
+_IMPORTED = False
+
+
 def _ensure_models_imported() -> None:
+    global _IMPORTED
+    if _IMPORTED:
+        return
+    _IMPORTED = True
     from . import models  # noqa: F401  (importing registers every architecture)
+    from .timm_interop import register_in_timm
+
+    register_in_timm(s for s in _REGISTRY.values() if s.task == "classification")
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -127,14 +81,21 @@ def create_model(
     pretrained: bool = False,
     num_classes: int | None = None,
     pretrained_file: str | None = None,
+    features_only: bool = False,
+    out_indices: int | tuple[int, ...] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model.
 
-    ``pretrained=True`` downloads the published weights (timm's hub for timm-backed models);
-    ``pretrained_file`` loads a local timm, official or zoo weights file instead (safely:
-    safetensors or ``torch.load(weights_only=True)``); a classifier whose class count differs is
-    re-initialised.
+    ``pretrained=True`` downloads the published weights the spec names (timm's hub for timm-backed
+    models); a model without any is refused here, with the same message for every model.
+    ``pretrained_file`` loads a local timm, official or zoo weights file instead (safely: safetensors or
+    ``torch.load(weights_only=True)``); a classifier whose class count differs is re-initialised and
+    position embeddings are resized to the net's grid. ``img_size=`` builds a fixed-size net for another
+    size; ``in_chans=`` for another channel count. ``features_only=True`` returns timm's
+    ``FeatureGetterNet`` over the net's ``forward_intermediates`` (maps at ``out_indices``, with
+    ``feature_info``). The net carries its spec (``zoo_spec``) and, for classification, timm's
+    ``pretrained_cfg`` / ``default_cfg``.
     """
     spec = get_spec(name)
     if num_classes is not None:
@@ -146,8 +107,11 @@ def create_model(
             )
         kwargs["num_classes"] = num_classes
     _check_common_kwargs(name, kwargs)
+    download = bool(pretrained) and not pretrained_file
+    if download and not spec.weights.downloadable:
+        raise WeightsError(no_weights_message(spec))
     try:
-        model = spec.builder(pretrained=pretrained and not pretrained_file, **kwargs)
+        model = spec.builder(pretrained=download, **kwargs)
     except ZooError:
         raise
     except Exception as e:  # noqa: BLE001 - one clear error naming the model and its arguments
@@ -156,13 +120,54 @@ def create_model(
         from .weights import load_pretrained_file
 
         load_pretrained_file(model, pretrained_file, spec.checkpoint_filter)
-    if spec.fixed_input_size and isinstance(kwargs.get("img_size"), int):  # built for another fixed size
-        s = kwargs["img_size"]
-        spec = dataclasses.replace(spec, input_size=(*spec.input_size[:-2], s, s))
-    model.zoo_spec = spec
-    if spec.task != "mil" and (spec.size_divisor > 1 or spec.fixed_input_size or spec.min_size > 1):
-        model.register_forward_pre_hook(_size_check_hook(spec))
+    size = kwargs.get("img_size")
+    built = spec.built_for(img_size=size if spec.fixed_input_size and isinstance(size, int) else None,
+                           in_chans=kwargs.get("in_chans"))
+    model.zoo_spec = built
+    if spec.task == "classification":
+        model.pretrained_cfg = built.pretrained_cfg(num_classes=model.num_classes)
+        model.default_cfg = model.pretrained_cfg
+    if spec.task != "mil" and (built.size_divisor > 1 or built.fixed_input_size or built.min_size > 1):
+        model.register_forward_pre_hook(_size_check_hook(built))
+    if features_only:
+        return feature_extractor(model, built, out_indices)
     return model
+
+
+def no_weights_message(spec: ModelSpec) -> str:
+    note = f" ({spec.weights.note})" if spec.weights.note else ""
+    file = f"; load the official {spec.weights.official_file} with pretrained_file=PATH" if spec.weights.official_file else ""
+    return (f"{spec.name} has no weights the zoo can download{note}. Train it (the README's model table names "
+            f"its recipes), start from a zoo checkpoint (init_from=CKPT), or load a file (pretrained_file=PATH){file}.")
+
+
+def default_out_indices(num_levels: int) -> tuple[int, ...]:
+    """timm's defaults: every level of a pyramid (up to 5), the last three blocks of a plain ViT."""
+    return tuple(range(num_levels)) if num_levels <= 5 else tuple(range(num_levels - 3, num_levels))
+
+
+def feature_extractor(model: nn.Module, spec: ModelSpec, out_indices: int | tuple[int, ...] | None) -> nn.Module:
+    """``features_only=True``: timm's ``FeatureGetterNet`` over the net's ``forward_intermediates``."""
+    from timm.models._features import FeatureGetterNet
+
+    from .contract import ZooModel
+
+    if spec.task != "classification":
+        raise ModelArgumentError(f"{spec.name}: features_only=True is for classification backbones; "
+                                 f"{spec.name} is a {spec.task} model")
+    why = model.features_unsupported if isinstance(model, ZooModel) else None
+    if why:
+        raise ModelArgumentError(f"{spec.name} cannot be built with features_only=True: {why}")
+    info = getattr(model, "feature_info", None)
+    if not info:
+        raise ModelArgumentError(f"{spec.name} has no feature_info; features_only=True needs one")
+    indices = default_out_indices(len(info)) if out_indices is None else out_indices
+    if isinstance(indices, (list, tuple)):
+        indices = tuple(int(i) for i in indices)
+    extractor = FeatureGetterNet(model, out_indices=indices)
+    extractor.zoo_spec = spec
+    extractor.pretrained_cfg = extractor.default_cfg = model.pretrained_cfg
+    return extractor
 
 
 def _positive_int(v: Any) -> bool:
@@ -232,8 +237,9 @@ def count_params_m(name: str, **kwargs: Any) -> float:
 
 
 def model_info(name: str) -> dict[str, Any]:
-    """A plain dict describing a model: task, input rules, normalisation, paper, parameter count."""
+    """A plain dict describing a model: task, input rules, preprocessing, weights, paper, parameter count."""
     spec = get_spec(name)
+    ref = spec.reference
     return {
         "name": spec.name,
         "task": spec.task,
@@ -244,7 +250,16 @@ def model_info(name: str) -> dict[str, Any]:
         "fixed_input_size": spec.fixed_input_size,
         "mean": list(spec.mean),
         "std": list(spec.std),
+        "interpolation": spec.interpolation,
+        "crop_pct": spec.crop_pct,
+        "weights": spec.weights.describe(),
+        "pretrained": spec.weights.downloadable,
         "paper": spec.paper,
+        "paper_ids": list(spec.paper_ids),
+        "license": spec.license,
         "source": spec.source,
-        **{f"ref_{k}": v for k, v in spec.meta.items()},
+        "ref_params_m": ref.params_m,
+        "ref_gflops": ref.gflops,
+        "ref_metrics": [m.describe() for m in ref.metrics],
+        "ref_note": ref.note,
     }

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from zoo.errors import DatasetNotFoundError, ZooError
+from zoo.spec import fit_channels  # noqa: F401  (re-exported: datamodules import it from here)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,18 +45,6 @@ def require_dir(path: Path, what: str, layout: str) -> Path:
             f"{what}: folder not found: {path}\nExpected layout:\n{layout.rstrip()}"
         )
     return path
-
-
-def fit_channels(values: Sequence[float], channels: int) -> tuple[float, ...]:
-    """Adapt per-channel stats to the channel count (RGB stats -> grey by averaging)."""
-    values = tuple(float(v) for v in values)
-    if len(values) == channels:
-        return values
-    if len(values) == 1:
-        return values * channels
-    if channels == 1:
-        return (float(np.mean(values)),)
-    raise ValueError(f"cannot use {len(values)} per-channel values for {channels} channels")
 
 
 def split_indices(

@@ -35,8 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..contract import Capabilities, ZooModel
 from ..layers import GatedAttention, masked_softmax
 from ..registry import register_model
+from ..spec import Metric, Reference, Weights
 
 PAPER = "Zhang et al., Attention-Challenging Multiple Instance Learning for Whole Slide Image Classification, ECCV 2024"
 PAPER_ABMIL = "Ilse et al., Attention-based Deep Multiple Instance Learning, ICML 2018"
@@ -91,11 +93,15 @@ def diversity_loss(attn: torch.Tensor) -> torch.Tensor:
     return sim[:, i, j].mean()
 
 
-class ACMIL(nn.Module):
+class ACMIL(ZooModel, nn.Module):
     """Multiple-branch gated-attention MIL with stochastic top-K instance masking.
 
     ``forward(x [B, N, D] or [B, N, C, H, W], mask [B, N]) -> slide logits [B, num_classes]``.
+    ``forward_train`` takes class indices ``y [B]`` (no soft targets: the branch CE repeats them per branch).
     """
+
+    zoo_capabilities = Capabilities(own_objective=True, attention_maps=True, attention_weights=True,
+                                    trainable_groups=True)
 
     def __init__(
         self,
@@ -236,18 +242,15 @@ def checkpoint_filter(state_dict: dict, model: ACMIL) -> dict:
 
 
 @register_model(task="mil", input_size=(1, 28, 28), paper=PAPER, mean=(0.1307,), std=(0.3081,),
-                source="dazhangyu123/ACMIL ACMIL_GA (5 branches, K=10, p=0.6)", checkpoint_filter=checkpoint_filter)
+                source="dazhangyu123/ACMIL ACMIL_GA (5 branches, K=10, p=0.6)", checkpoint_filter=checkpoint_filter,
+                paper_ids=("arXiv:2311.07125",), weights=Weights(note="train it; official checkpoints load (`pretrained_file=`)"))
 def acmil(pretrained: bool = False, **kwargs) -> ACMIL:
-    if pretrained:
-        raise ValueError("acmil has no published weights; use init_from=CKPT or pretrained_file=")
     return ACMIL(**kwargs)
 
 
 @register_model(task="mil", input_size=(1, 28, 28), paper=PAPER_ABMIL, mean=(0.1307,), std=(0.3081,),
                 source="dazhangyu123/ACMIL ABMIL baseline (ACMIL with one branch, no masking)",
-                checkpoint_filter=checkpoint_filter)
+                checkpoint_filter=checkpoint_filter, paper_ids=("arXiv:1802.04712",), weights=Weights(note="train it"))
 def abmil(pretrained: bool = False, **kwargs) -> ACMIL:
-    if pretrained:
-        raise ValueError("abmil has no published weights; use init_from=CKPT or pretrained_file=")
     kwargs = {"branches": 1, "n_masked_patch": 0, "mask_drop": 0.0, **kwargs}
     return ACMIL(**kwargs)

@@ -23,17 +23,7 @@ Documented choices / deviations:
   materialises the attention matrix. Here qkv is laid out by region once, the routed regions' k|v are picked
   with one ``index_select`` (the single k-fold copy the algorithm needs: each region attends to its own set),
   and attention runs in ``F.scaled_dot_product_attention`` on strided views (no further copies).
-  Measured side by side with the official legacy model, ``biformer_tiny`` at 224 (same weights; fp32 max
-  |logit diff| 4.8e-7 on GPU, 3.6e-7 on CPU):
-
-  | H200, bf16 autocast, batch 128 | infer img/s | train img/s | peak MiB infer / train |
-  |---|---|---|---|
-  | official (ops/bra_legacy.py)   | 3276        | 1019        | 1294 / 11714           |
-  | zoo                            | 4674        | 1338        | 885 / 9573             |
-
-  CPU, 2 shared cores, batch 8, fp32 (median of interleaved steps, one process; the machine was loaded):
-  inference 2.69 -> 5.10 img/s (1.90x), training 0.31 -> 0.54 img/s (1.76x); ``zoo bench`` peak memory
-  (RSS growth) about 1.9 GB -> 1.2 GB in training.
+  Side-by-side speed and memory against the official code: ``results/biformer.md``.
 - **Padding.** Sizes that are not multiples of ``n_win`` are always zero-padded (the official ``auto_pad``;
   without padding nothing changes). Unlike the official code, padded tokens are masked: region means are taken
   over real tokens only, regions with no real token cannot be routed to, padded keys get no attention, and LCE
@@ -44,9 +34,18 @@ Documented choices / deviations:
   (``downsample_layers.*``, ``stages.i.j.*``, ``attn.qkv.qkv``, ``attn.wo``, ``mlp.0/3``), raw or under ``model``.
 - ``n_win`` (regions per side) is a constructor argument, as the official dense-task configs change it
   (8 for segmentation at 512, 16 for detection); ``topk`` must not exceed ``n_win ** 2``.
-- ``forward_intermediates`` gives the four stage maps (strides 4, 8, 16, 32) for dense heads;
-  :class:`BiFormerFPN` puts the zoo's semantic-FPN decoder on them, with a LayerNorm2d per output as the
-  official segmentation backbone has.
+- **timm surface.** ``forward_intermediates(x, indices, norm, stop_early, output_fmt="NCHW",
+  intermediates_only)`` indexes the four stages (strides 4, 8, 16, 32; ``feature_info`` has one entry per
+  stage, ``module="stages.i"``); ``norm=True`` applies the final BatchNorm to the last stage's map only (it is
+  sized for it). :class:`BiFormerFPN` puts the zoo's semantic-FPN decoder on the four maps, with a
+  LayerNorm2d per output as the official segmentation backbone has. ``set_grad_checkpointing`` checkpoints
+  every block (non-reentrant; the official ``use_checkpoint_stages`` wraps whole stages with fairscale).
+  ``global_pool`` is ``"avg"`` (the official mean over positions) or ``""`` (no pooling: the classifier, if
+  any, is applied at every position, giving ``[B, num_classes, h, w]``).
+- ``no_weight_decay()`` is empty: the official method returns ``{'pos_embed', 'cls_token'}``, which names no
+  parameter of the model (its conditional position embeddings are the depthwise convs
+  ``...blocks.j.pos_embed.weight``, and timm matches whole parameter names), so official training decays
+  every parameter but the 1-D ones and the biases, which the zoo's optimiser already leaves out.
 - ``pretrained=True`` is not supported (the official OneDrive links are dead and nothing can be downloaded
   here): pass ``pretrained_file=`` with an official ``.pth`` instead.
 """
@@ -57,9 +56,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
+from timm.layers.helpers import get_device_dtype
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
+from ..contract import Capabilities, ZooModel
 from ..registry import register_model
+from ..spec import Metric, Reference, Weights
 from .fpn import FPNDecoder, SemanticFPN
 
 PAPER = "Zhu et al., BiFormer: Vision Transformer with Bi-Level Routing Attention, CVPR 2023"
@@ -217,14 +221,20 @@ class Stage(nn.Module):
         super().__init__()
         self.downsample = downsample
         self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.downsample(x))
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x, use_reentrant=False)  # each block recomputed in backward
+        return self.blocks(x)
 
 
 # ---------------------------------------------------------------------------------------- model
-class BiFormer(nn.Module):
-    """BiFormer classifier (timm surface: forward_features / forward_head / forward_intermediates)."""
+class BiFormer(ZooModel, nn.Module):
+    """BiFormer classifier with timm's model surface (see the module docstring) and ``attention_maps``."""
+
+    zoo_capabilities = Capabilities(attention_maps=True)
 
     def __init__(
         self,
@@ -240,11 +250,13 @@ class BiFormer(nn.Module):
         in_chans: int = 3,
         num_classes: int = 1000,
         drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
     ):
         super().__init__()
         self.num_classes = num_classes
+        self.global_pool = self._check_pool(global_pool)
         self.embed_dims = list(embed_dims)
-        self.num_features = embed_dims[-1]
+        self.num_features = self.head_hidden_size = embed_dims[-1]
         self.n_win = n_win
         self.stem = nn.Sequential(  # official downsample_layers[0]
             nn.Conv2d(in_chans, embed_dims[0] // 2, 3, 2, 1), nn.BatchNorm2d(embed_dims[0] // 2), nn.GELU(),
@@ -278,12 +290,41 @@ class BiFormer(nn.Module):
             nn.init.zeros_(m.bias)
 
     # ---- timm surface
+    @staticmethod
+    def _check_pool(global_pool: str) -> str:
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+        return global_pool
+
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if global_pool is not None:
+            self.global_pool = self._check_pool(global_pool)
+        self.head = (nn.Linear(self.num_features, num_classes, **get_device_dtype(self))
+                     if num_classes > 0 else nn.Identity())
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()  # see the module docstring: the official names match no parameter
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm\.", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -292,21 +333,62 @@ class BiFormer(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean((2, 3))
-        return x if pre_logits else self.head(x)
+        if self.global_pool == "avg":
+            x = x.mean((2, 3))
+        if pre_logits:
+            return x
+        if self.global_pool == "":  # no pooling: the classifier at every position
+            return self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] | None = None) -> list[torch.Tensor]:
-        """NCHW outputs of the stages in ``indices`` (default all four: strides 4, 8, 16, 32), un-normed."""
-        indices = list(range(len(self.stages))) if indices is None else [i % len(self.stages) for i in indices]
-        x, outs = self.stem(x), []
-        for i, stage in enumerate(self.stages[: max(indices) + 1]):
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs, NCHW (strides 4, 8, 16, 32), with timm's semantics: ``indices`` an int (the last n
+        stages), a list of stage indices (negative allowed) or None (all). ``norm`` applies the final
+        BatchNorm to the last stage's map; ``stop_early`` skips the stages after the last one taken.
+        Returns the list if ``intermediates_only``, else ``(final features, list)`` where the final
+        features equal ``forward_features(x)`` when every stage ran."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"BiFormer intermediates are NCHW maps only, got output_fmt={output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        stages = self.stages[: max_index + 1] if stop_early else self.stages
+        intermediates = []
+        x = self.stem(x)
+        for i, stage in enumerate(stages):
             x = stage(x)
-            if i in indices:
-                outs.append(x)
-        return outs
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm and i == last else x)
+        if intermediates_only:
+            return intermediates
+        if i == last:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the final norm and the head, as timm does);
+        returns the kept indices, non-negative."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()  # sized for (and only applied to) the last stage
+        self.stages = self.stages[: max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
 
     # ---- explanation
     @torch.no_grad()
@@ -326,7 +408,7 @@ class BiFormer(nn.Module):
         captured = {}
         handle = attn.register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0]))
         try:
-            self.forward_intermediates(x, indices=[stage])
+            self.forward_intermediates(x, indices=[stage], stop_early=True, intermediates_only=True)
         finally:
             handle.remove()
         xa = captured["x"]
@@ -354,9 +436,11 @@ class BiFormer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- segmentation
-class BiFormerFPN(nn.Module):
+class BiFormerFPN(ZooModel, nn.Module):
     """Semantic-FPN segmenter on a BiFormer encoder (LayerNorm2d per stage output, as the official
     segmentation backbone). ``forward(x) -> [B, num_classes, H, W]``."""
+
+    zoo_capabilities = Capabilities(attention_maps=True, trainable_groups=True)
 
     def __init__(self, *, num_classes: int = 21, in_chans: int = 3, decoder_channels: int = 64,
                  dropout: float = 0.1, encoder: dict | None = None, decoder: str = "light"):
@@ -375,12 +459,16 @@ class BiFormerFPN(nn.Module):
             raise ValueError(f"decoder must be 'light' or 'mmseg', got {decoder!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = [norm(f) for norm, f in zip(self.out_norms, self.encoder.forward_intermediates(x))]
+        feats = self.encoder.forward_intermediates(x, intermediates_only=True)
+        feats = [norm(f) for norm, f in zip(self.out_norms, feats)]
         logits = self.head(self.decoder(feats))
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     def get_classifier(self) -> nn.Module:
         return self.decoder.cls_seg if isinstance(self.head, nn.Identity) else self.head
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.set_grad_checkpointing(enable)
 
     def freeze_backbone(self) -> None:
         self.encoder.requires_grad_(False)
@@ -423,20 +511,26 @@ def _biformer(pretrained: bool, **kwargs) -> BiFormer:
     return BiFormer(**kwargs)
 
 
-_SPEC = dict(task="classification", paper=PAPER, source=SOURCE, checkpoint_filter=checkpoint_filter, min_size=32)
+# the official DeiT pipeline: ImageNet mean/std, bicubic, resize 256 -> crop 224 (crop_pct 0.875)
+_SPEC = dict(task="classification", paper=PAPER, paper_ids=("arXiv:2303.08810",), license="mit", source=SOURCE,
+             checkpoint_filter=checkpoint_filter, min_size=32, first_conv="downsample_layers.0.0")
+_OFFICIAL = Weights(official_file=".pth", note="the official download links are dead")
 
 
-@register_model(meta=dict(weights='official .pth (`pretrained_file=`)', params_m=13.14, gflops=2.2, top1=81.4, dataset="imagenet-1k@224"), **_SPEC)
+@register_model(weights=_OFFICIAL, reference=Reference(params_m=13.14, gflops=2.2, metrics=(Metric("top1", 81.4, "imagenet-1k", 224),)),
+                **_SPEC)
 def biformer_tiny(pretrained: bool = False, **kwargs) -> BiFormer:
     return _biformer(pretrained, **{**dict(depths=(2, 2, 8, 2), embed_dims=(64, 128, 256, 512)), **kwargs})
 
 
-@register_model(meta=dict(weights='official .pth (`pretrained_file=`)', params_m=25.54, gflops=4.5, top1=83.8, dataset="imagenet-1k@224"), **_SPEC)
+@register_model(weights=_OFFICIAL, reference=Reference(params_m=25.54, gflops=4.5, metrics=(Metric("top1", 83.8, "imagenet-1k", 224),)),
+                **_SPEC)
 def biformer_small(pretrained: bool = False, **kwargs) -> BiFormer:
     return _biformer(pretrained, **{**dict(depths=(4, 4, 18, 4), embed_dims=(64, 128, 256, 512)), **kwargs})
 
 
-@register_model(meta=dict(weights='official .pth (`pretrained_file=`)', params_m=56.80, gflops=9.8, top1=84.3, dataset="imagenet-1k@224"), **_SPEC)
+@register_model(weights=_OFFICIAL, reference=Reference(params_m=56.80, gflops=9.8, metrics=(Metric("top1", 84.3, "imagenet-1k", 224),)),
+                **_SPEC)
 def biformer_base(pretrained: bool = False, **kwargs) -> BiFormer:
     return _biformer(pretrained, **{**dict(depths=(4, 4, 18, 4), embed_dims=(96, 192, 384, 768)), **kwargs})
 
@@ -451,24 +545,19 @@ def biformer_nano(pretrained: bool = False, **kwargs) -> BiFormer:
 
 
 @register_model(task="segmentation", input_size=(3, 64, 64), min_size=8, paper=PAPER, checkpoint_filter=checkpoint_filter,
-                source=SOURCE + "; semantic-FPN decoder from zoo/models/fpn.py")
+                source=SOURCE + "; semantic-FPN decoder from zoo/models/fpn.py", weights=Weights(note="CPU variant: train it"))
 def biformer_fpn_nano(pretrained: bool = False, **kwargs) -> BiFormerFPN:
-    if pretrained:
-        raise ValueError("biformer_fpn_nano has no published weights; use pretrained_file=")
     kwargs["encoder"] = {**NANO, **(kwargs.get("encoder") or {})}
     return BiFormerFPN(**kwargs)
 
 
 @register_model(task="segmentation", input_size=(3, 512, 512), min_size=32, paper=PAPER, checkpoint_filter=checkpoint_filter,
                 source=SOURCE + " (semantic_segmentation/configs/ade20k/sfpn.biformer_small.py); mmseg Semantic FPN",
-                meta=dict(weights="ImageNet BiFormer-S encoder (`pretrained_file=`)", miou=48.9,
-                          dataset="ade20k@512, 80k iters"))
+                weights=Weights(note="an ImageNet BiFormer-S encoder file (`pretrained_file=`)"),
+                reference=Reference(metrics=(Metric("miou", 48.9, "ade20k (80k iters)", 512),)))
 def biformer_small_fpn(pretrained: bool = False, **kwargs) -> BiFormerFPN:
     """BiFormer-S + Semantic FPN for ADE20K as the official sfpn config: n_win 8 at 512 (auto-padded for
     other sizes), drop path 0.15, LayerNorm2d per stage output, FPN neck 256 + FPNHead 128."""
-    if pretrained:
-        raise ValueError("biformer_small_fpn has no published weights here; start the encoder from ImageNet "
-                         "weights with pretrained_file=biformer_small.pth (the classifier is dropped)")
     enc = dict(depths=(4, 4, 18, 4), embed_dims=(64, 128, 256, 512), n_win=8, drop_path_rate=0.15)
     kwargs["encoder"] = {**enc, **(kwargs.get("encoder") or {})}
     return BiFormerFPN(**{"decoder": "mmseg", **kwargs})

@@ -2,7 +2,7 @@
 
 Paper: Zhu, Ke, Li, Liu, Tian, Shan, "Dual Cross-Attention Learning for Fine-Grained Visual Categorization
 and Object Re-Identification", CVPR 2022 (arXiv 2205.02151). There is no official code; this file follows
-the paper and the zoo's spec sheet (``shared/papers/dcal.md``). Built on timm's ``VisionTransformer`` /
+the paper and the zoo's spec sheet for it. Built on timm's ``VisionTransformer`` /
 ``Block`` / ``Attention``: the self-attention (SA) stack has timm's parameter names, so timm DeiT / ViT
 weights load unchanged (``pretrained=True`` or ``pretrained_file=``; ``pos_embed`` is resampled for other
 input sizes, e.g. the 448 px FGVC recipe from 224 px weights, by timm's ``checkpoint_filter_fn``).
@@ -72,38 +72,25 @@ Documented choices (the paper leaves them open) and deviations:
 - ``dcal_deit_nano`` (CPU, 32 px digits): 4x4 patches (64 tokens), 64-d, 4 blocks, 4 heads, MLP ratio 2, the
   position embedding starting from a 2-D sin-cos table (still learned), as ``dependencyvit_nano``.
 
-Measured (CPU, 2 shared cores, OMP_NUM_THREADS=1):
-- Parameters: GLCA (block + norm + classifier) adds 8.70% to DeiT-T with CUB's 200 classes (6.047 M vs
-  5.563 M; the paper: about 9%), 11.2% with 1000 classes (6.356 M vs 5.717 M); DeiT-S +8.5%, DeiT-B / ViT-B
-  +8.4% (200 classes). ``glca=False, pwca=False`` has exactly timm's parameter count.
-- Inference, DeiT-T, batch 8, 1 thread: 224 px 1.28 vs 1.25 GMACs (GLCA + rollout +1.9% analytic),
-  ``python -m zoo bench dcal_deit_tiny timm:deit_tiny_patch16_224 --img-size 224 --batch-size 8 --threads 1``:
-  20.1 vs 22.1 img/s (1.17x the time in interleaved runs); 448 px 7.24 vs 7.12 GMACs (+1.7%), 1.28x the
-  time of timm's DeiT-T (interleaved): the rollout needs every SA block's probabilities, so no fused
-  attention; the explicit attention runs per image in cache-sized query blocks (without that: 2x).
-- Training, digits (``experiment=dcal_deit_nano_digits``, 25 epochs, lr 2e-3), seeds 42 / 1 / 2: test top-1
-  0.9889 / 0.9861 / 0.9889 (best-on-val; last epoch 0.9916 / 0.9944 / 0.9916) in 117-119 s; the SA-only
-  baseline (``experiment=dcal_deit_nano_sa_only_digits``, same recipe) 0.9833 / 0.9833 / 0.9916 in 51-52 s
-  (re-measured 2026-11-28 under the seeded epoch order; one thread each): on digits, from scratch, DCAL is
-  level with SA alone (mean 0.988 vs 0.986, within one test image), and a DCAL step costs ~2.1x an SA step (the
-  PWCA stream doubles the blocks' work; the paper: 3.8 h vs 2.1 h for DeiT-T on CUB). At lr 4e-3 PWCA slows
-  the start: seed 2 sat at chance for 12 epochs (test 0.610); val top-1 after 8 epochs
-  (``trainer.max_epochs=8``, seed 2): full 0.67, PWCA only 0.64, GLCA only 0.93, SA only 0.94, full at lr 2e-3
-  0.89. Learned loss weights w (SA, GLCA, PWCA), seed 42, lr 4e-3: (-0.07, -0.12, 0.18).
 """
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import build_sincos2d_pos_embed
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _timm_filter
 from torch import nn
 
+from ..contract import Capabilities, ZooModel
+from ..layers.pos_embed import check_pos_embed_init, init_sincos_pos_embed_
 from ..registry import register_model
+from ..spec import Metric, Reference, Weights
 
 PAPER = ("Zhu et al., Dual Cross-Attention Learning for Fine-Grained Visual Categorization and Object "
          "Re-Identification, CVPR 2022")
@@ -143,8 +130,8 @@ def _chunked_attention_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              chunk_elems: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention without gradient, ``(out [B, H, n, d], head-mean probabilities [B, n, n] fp32)``,
     computed per image over blocks of query rows so that each block's probabilities (``H x rows x n``, about
-    1 MB) stay in cache: at 448 px on one CPU core this runs at roughly the speed of the fused SDPA kernel,
-    ~2-3x faster than one [B, H, n, n] softmax (the fused kernel cannot return the probabilities)."""
+    1 MB) stay in cache (the fused SDPA kernel cannot return the probabilities; ``results/dcal.md`` has the
+    timings that motivated the blocking)."""
     B, H, n, _ = q.shape
     rows = max(16, chunk_elems // (H * n))
     out = torch.empty_like(q)
@@ -237,8 +224,40 @@ def rollout_cls_row(probs: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- model
-class DCAL(VisionTransformer):
-    """DeiT / ViT + GLCA + PWCA (see the module docstring)."""
+class DCAL(ZooModel, VisionTransformer):
+    """DeiT / ViT + GLCA + PWCA (see the module docstring).
+
+    timm's model surface, with these documented choices:
+
+    * ``forward(x) == forward_head(forward_features(x))``.
+    * ``forward_features(x)``: ``[B, 2+N, D]`` = ``[SA class token, GLCA class token, the N SA patch tokens]``,
+      each normed by its branch's norm: the layout of timm's distilled DeiT (class and distillation tokens
+      first). That is everything the two classifiers read. The outputs of the R local GLCA queries are not
+      in it: the GLCA classifier reads the GLCA class token only, and in a single attention + MLP block
+      (M = 1) that token's output does not depend on which R queries were selected (``attention_maps`` shows
+      the selection). With ``inference="sa"`` (or ``glca=False``) GLCA is not computed and the features are
+      plain timm ViT's ``[B, 1+N, D]``.
+    * ``forward_head(x, pre_logits=True)``: ``[SA class token; GLCA class token]`` concatenated,
+      ``head_hidden_size = 2 D`` (``num_features = D``, the width of every token). These are the inputs of
+      the two classifiers, and the paper's Re-ID inference feature is the same concatenation; a linear
+      probe on it can represent the sum of two linear heads. With one inference branch (``"sa"`` /
+      ``"glca"``): that branch's class token, ``head_hidden_size = D``.
+    * ``reset_classifier(n, global_pool=None)`` replaces BOTH classifiers (``head`` and ``glca_head``); with
+      ``n = 0`` ``forward`` returns the pre-logits features. ``global_pool``: ``"token"`` (the default: the
+      class tokens) or ``""`` (unpooled: ``forward_head`` returns the tokens ``[B, T, D]``, or, with
+      classifiers, every token through its branch's classifier ``[B, T, C]``). Average / attention pooling
+      is refused: both heads of the method read class tokens.
+    * ``set_grad_checkpointing()``: activation checkpointing of every SA block (together with its PWCA
+      step in ``forward_train``: both streams go through a block at once) and of the GLCA block.
+    * ``forward_intermediates``: the SA blocks' outputs with timm ViT's semantics (class token dropped,
+      NCHW patch grid, ``norm=True`` applies the SA ``norm``); the final features are ``forward_features(x)``.
+      ``stop_early`` cuts the SA stack after the last wanted block only with ``intermediates_only`` (GLCA
+      needs the stack up to ``glca_input``). ``prune_intermediate_layers`` keeps the SA blocks up to the last
+      wanted index; with ``prune_head`` (the default) it also removes both classifiers and the GLCA and PWCA
+      branches: the net becomes a plain ViT feature extractor.
+    """
+
+    zoo_capabilities = Capabilities(own_objective=True, attention_maps=True, bench_extras=True)
 
     def __init__(
         self,
@@ -266,6 +285,7 @@ class DCAL(VisionTransformer):
         pos_embed_init: str = "trunc_normal",
         dynamic_img_size: bool = True,
     ):
+        check_pos_embed_init(pos_embed_init)
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                          qkv_bias=qkv_bias, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
@@ -299,12 +319,9 @@ class DCAL(VisionTransformer):
             full = dict(zip(("sa", "glca", "pwca"), [float(v) for v in init]))
             self.loss_log_vars = nn.Parameter(torch.tensor([full[b] for b in self.branches]))
         if pos_embed_init == "sincos":  # fixed 2-D sin-cos start, still learned: helps tiny data sets
-            with torch.no_grad():
-                grid = list(self.patch_embed.grid_size)
-                self.pos_embed[:, 1:].copy_(build_sincos2d_pos_embed(grid, embed_dim).reshape(1, -1, embed_dim))
-                self.pos_embed[:, :1].zero_()
-        elif pos_embed_init != "trunc_normal":
-            raise ValueError(f"pos_embed_init must be 'trunc_normal' or 'sincos', got {pos_embed_init!r}")
+            init_sincos_pos_embed_(self.pos_embed, self.patch_embed.grid_size, embed_dim)
+        # pre-logits: the class token of each inference branch (see the class docstring)
+        self.head_hidden_size = embed_dim * (2 if self.inference == "sum" else 1)
 
     @staticmethod
     def _init_extra(m: nn.Module) -> None:  # timm's ViT default init for the extra modules
@@ -329,40 +346,72 @@ class DCAL(VisionTransformer):
         out[perm] = perm.roll(-1)
         return out
 
-    def _run(self, x: torch.Tensor, pwca: bool = False, glca_attn: bool = False) -> dict[str, Any]:
-        """One pass: SA tokens (normed), rollout class row, GLCA tokens, PWCA tokens (when asked)."""
+    @property
+    def _computes_glca(self) -> bool:
+        """Whether ``forward`` runs the GLCA branch (not with ``inference="sa"``)."""
+        return self.use_glca and self.inference != "sa"
+
+    @staticmethod
+    def _sa_step(blk: DCALBlock, record: bool, partner: torch.Tensor | None, x: torch.Tensor,
+                 xp: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """One SA block and, when ``xp`` is given, its PWCA step: ``(x, probabilities or None, xp)``."""
+        x, p, (k, v) = blk.forward_sa(x, need_probs=record)
+        if xp is not None:
+            xp = blk.forward_pwca(xp, k[partner], v[partner])
+        return x, p, xp
+
+    def _run(self, x: torch.Tensor, pwca: bool = False, glca: bool | None = None, glca_attn: bool = False,
+             take: Sequence[int] = (), stop: int | None = None) -> dict[str, Any]:
+        """One pass: SA tokens (normed), rollout class row, GLCA tokens (``glca``, default: the model has the
+        branch), PWCA tokens (``pwca``); the un-normed outputs of the SA blocks in ``take`` as
+        ``"intermediates"``. With ``stop`` the SA stack ends after that block and only the intermediates
+        come back. With grad checkpointing every block step (SA, SA + PWCA, GLCA) is checkpointed."""
+        glca = self.use_glca if glca is None else glca
         x = self._embed(x)
-        need = self.use_glca
         xp = x if pwca else None
         partner = self.partners(x.shape[0], x.device) if pwca else None
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         probs: list[torch.Tensor] = []
-        out: dict[str, Any] = {}
-        for i, blk in enumerate(self.blocks):
-            record = need and i < self.glca_input
+        out: dict[str, Any] = {"intermediates": []}
+        for i, blk in enumerate(self.blocks if stop is None else self.blocks[:stop + 1]):
+            record = glca and i < self.glca_input
             if not record and not pwca:
-                x = blk(x)  # timm's fused path
+                x = checkpoint(blk, x) if ckpt else blk(x)  # timm's fused path
             else:
-                x_new, p, (k, v) = blk.forward_sa(x, need_probs=record)
-                if pwca:
-                    xp = blk.forward_pwca(xp, k[partner], v[partner])
-                x = x_new
+                step = partial(self._sa_step, blk, record, partner)
+                x, p, xp = checkpoint(step, x, xp) if ckpt else step(x, xp)
                 if p is not None:
                     probs.append(p)
-            if need and i + 1 == self.glca_input:
+            if i in take:
+                out["intermediates"].append(x)
+            if glca and i + 1 == self.glca_input:
                 out["glca_in"] = x
+        if stop is not None:
+            return out
         out["sa"] = self.norm(x)
         if pwca:
             out["pwca"] = self.norm(xp)
-        if need:
+        if glca:
             with torch.no_grad():
                 r = rollout_cls_row(probs)  # [B, 1+N]
             n = r.shape[1] - 1
             idx = r[:, 1:].topk(self.num_selected(n), dim=1).indices.sort(1).values
-            g = self.glca_block(out["glca_in"], idx, return_attn=glca_attn)
             if glca_attn:
-                g, out["glca_probs"] = g
+                g, out["glca_probs"] = self.glca_block(out["glca_in"], idx, return_attn=True)
+            else:
+                g = checkpoint(self.glca_block, out["glca_in"], idx) if ckpt else self.glca_block(out["glca_in"], idx)
             out.update(rollout=r, glca_idx=idx, glca=self.glca_norm(g))
         return out
+
+    @staticmethod
+    def _features(o: dict[str, Any]) -> torch.Tensor:
+        """``forward_features``' layout: ``[SA class, GLCA class, SA patches]`` (``[SA class, SA patches]``
+        without GLCA)."""
+        sa = o["sa"]
+        return torch.cat([sa[:, :1], o["glca"][:, :1], sa[:, 1:]], 1) if "glca" in o else sa
+
+    def _sa_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_drop(self.fc_norm(tokens[:, 0])))
 
     def _glca_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.glca_head(self.head_drop(tokens[:, 0]))
@@ -376,20 +425,38 @@ class DCAL(VisionTransformer):
         return torch.logsumexp(torch.stack([sa.float().log_softmax(-1), glca.float().log_softmax(-1)]), 0) - math.log(2)
 
     # ------------------------------------------------------------------ forward
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """``[B, 2+N, D]``: SA class token, GLCA class token, SA patch tokens, each branch's tokens normed
+        (``[B, 1+N, D]``, plain ViT, when ``forward`` does not use GLCA: ``inference="sa"`` or ``glca=False``)."""
+        return self._features(self._run(x, glca=self._computes_glca))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:  # type: ignore[override]
+        """``forward_features`` -> scores ``[B, C]`` (``log((p_SA + p_GLCA) / 2)`` with ``inference="sum"``,
+        else one branch's logits), or the pre-logits ``[B, head_hidden_size]`` (``pre_logits=True`` or no
+        classifier); ``global_pool=""``: the tokens unpooled (see the class docstring)."""
+        glca = self._computes_glca
+        if self.global_pool == "":
+            x = self.head_drop(self.fc_norm(x))
+            if pre_logits or self.num_classes == 0:
+                return x
+            if not glca:
+                return self.head(x)
+            return torch.cat([self.head(x[:, :1]), self.glca_head(x[:, 1:2]), self.head(x[:, 2:])], 1)
+        sa = self.head_drop(self.fc_norm(x[:, 0]))
+        g = self.head_drop(x[:, 1]) if glca else None
+        if pre_logits or self.num_classes == 0:
+            return {"sum": lambda: torch.cat([sa, g], -1), "sa": lambda: sa, "glca": lambda: g}[self.inference]()
+        return self._fuse(self.head(sa), None if g is None else self.glca_head(g))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """Scores ``[B, C]``: ``log((p_SA + p_GLCA) / 2)`` (``inference="sum"``), else one branch's logits."""
-        if not self.use_glca or self.inference == "sa":
-            return self.forward_head(self.forward_features(x))
-        o = self._run(x)
-        glca = self._glca_logits(o["glca"])
-        if self.inference == "glca":
-            return glca
-        return self._fuse(self.forward_head(o["sa"]), glca)
+        """Scores ``[B, C]``: ``log((p_SA + p_GLCA) / 2)`` (``inference="sum"``), else one branch's logits;
+        ``forward_head(forward_features(x))``."""
+        return self.forward_head(self.forward_features(x))
 
     def branch_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-branch logits ``{"sa", "glca"}`` (inference branches)."""
         o = self._run(x)
-        out = {"sa": self.forward_head(o["sa"])}
+        out = {"sa": self._sa_logits(o["sa"])}
         if self.use_glca:
             out["glca"] = self._glca_logits(o["glca"])
         return out
@@ -398,11 +465,11 @@ class DCAL(VisionTransformer):
         """``(fused scores, {"sa", "glca", "pwca"} uncertainty-weighted loss terms)``; PWCA needs B >= 2 to
         have a real partner (with B = 1 the image is its own partner)."""
         o = self._run(x, pwca=self.use_pwca)
-        logits = {"sa": self.forward_head(o["sa"])}
+        logits = {"sa": self._sa_logits(o["sa"])}
         if self.use_glca:
             logits["glca"] = self._glca_logits(o["glca"])
         if self.use_pwca:
-            logits["pwca"] = self.forward_head(o["pwca"])
+            logits["pwca"] = self._sa_logits(o["pwca"])
         ce = {b: F.cross_entropy(logits[b], y, label_smoothing=self.label_smoothing) for b in self.branches}
         if hasattr(self, "loss_log_vars"):
             w = self.loss_log_vars
@@ -468,12 +535,78 @@ class DCAL(VisionTransformer):
 
     # ------------------------------------------------------------------ timm surface
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Both classifiers (SA ``head``, ``glca_head``) to ``num_classes`` (0: none, ``forward`` gives the
+        pre-logits); ``global_pool``: ``"token"`` or ``""`` (unpooled tokens)."""
+        if global_pool not in (None, "", "token"):
+            raise ValueError(f"DCAL's classifiers read class tokens: global_pool must be 'token' or '' (unpooled), "
+                             f"got {global_pool!r}")
         super().reset_classifier(num_classes, global_pool)
         if getattr(self, "use_glca", False):
-            self.glca_head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+            ref = self.pos_embed
+            self.glca_head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+                              if num_classes > 0 else nn.Identity())
+            self.glca_head.train(self.training)
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "loss_log_vars"}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm ViT's groups; the GLCA block and norm join the last SA block's group (the GLCA block starts as
+        its copy and reads its output), the classifiers and loss weights form the last group."""
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed|^norm_pre",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^glca_block\.|^glca_norm\.|^norm\.", (99999,))],
+                    head=r"^head\.|^glca_head\.|^fc_norm\.|^loss_log_vars")
+
+    def forward_intermediates(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        return_prefix_tokens: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Outputs of the SA blocks ``indices`` (int: the last n; a list, negatives allowed; None: all) as timm's
+        ViT gives them: patch tokens ``[B, D, h, w]`` (``"NCHW"``) or ``[B, N, D]`` (``"NLC"``), class token
+        dropped (``return_prefix_tokens``: ``(map, class token)`` pairs), through the SA ``norm`` with
+        ``norm``. Returns the list (``intermediates_only``) or ``(forward_features(x), list)``."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        stop = (max_index if stop_early else len(self.blocks) - 1) if intermediates_only else None
+        o = self._run(x, glca=self._computes_glca and stop is None, take=take, stop=stop)
+        inter = [self.norm(t) if norm else t for t in o["intermediates"]]
+        prefix = [t[:, :self.num_prefix_tokens] for t in inter]
+        inter = [t[:, self.num_prefix_tokens:] for t in inter]
+        if output_fmt == "NCHW":
+            h, w = self.patch_embed.dynamic_feat_size(x.shape[-2:])
+            inter = [t.reshape(t.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for t in inter]
+        if return_prefix_tokens:
+            inter = list(zip(inter, prefix))
+        return inter if intermediates_only else (self._features(o), inter)
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Keep the SA blocks up to the last of ``indices``; ``prune_norm``: drop the SA ``norm``;
+        ``prune_head``: drop both classifiers and the GLCA / PWCA branches (a plain ViT feature extractor).
+        Returns the kept (absolute) indices."""
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        if not prune_head and self.use_glca and max_index + 1 < self.glca_input:
+            raise ValueError(f"GLCA reads the output of SA block {self.glca_input - 1}: keep the blocks up to it, "
+                             "or prune the head too (that removes GLCA)")
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            for name in ("glca_block", "glca_norm", "glca_head", "loss_log_vars"):
+                if hasattr(self, name):
+                    delattr(self, name)
+            self.use_glca = self.use_pwca = False
+            self.inference, self.branches, self.head_hidden_size = "sa", ["sa"], self.embed_dim
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take
 
 
 # ---------------------------------------------------------------------------------------- weights
@@ -521,38 +654,40 @@ def _create(pretrained: bool, timm_name: str | None, **kwargs: Any) -> DCAL:
     return model
 
 
-_SPEC = dict(task="classification", paper=PAPER, size_divisor=16, min_size=16, checkpoint_filter=checkpoint_filter_fn)
-_NOTE = "paper Table 1 top-1 at 448 px (baseline_* = the backbone alone); GLCA: +9% params, +2% FLOPs on DeiT-T"
-_DS = "top-1 CUB / Cars / Aircraft @448"
+# preprocessing: the timm backbone weights' pretrained_cfg (bicubic, crop 0.9); the paper's fine-grained
+# recipe (resize 550, crop 448) is the data config's (resize_ratio), see configs/experiment/dcal_deit_tiny_cub.yaml
+_SPEC = dict(task="classification", paper=PAPER, paper_ids=("arXiv:2205.02151",), size_divisor=16, min_size=16,
+             crop_pct=0.9, first_conv="patch_embed.proj", classifier=("head", "glca_head"),
+             checkpoint_filter=checkpoint_filter_fn)
+_NOTE = "paper Table 1 (448 px; the backbone alone on CUB: {}); GLCA: +9% params, +2% FLOPs on DeiT-T"
+
+
+def _fgvc(cub: float, cars: float, aircraft: float, baseline_cub: float) -> Reference:
+    return Reference(metrics=(Metric("top1", cub, "cub200", 448), Metric("top1", cars, "stanford_cars", 448),
+                              Metric("top1", aircraft, "fgvc_aircraft", 448)), note=_NOTE.format(baseline_cub))
 
 
 @register_model(input_size=(3, 224, 224), source="zoo (timm ViT); backbone timm:deit_tiny_patch16_224 (IN-1k)",
-                meta=dict(weights="timm DeiT-T backbone (`pretrained=true`)", cub_top1=84.6, cars_top1=89.4,
-                          aircraft_top1=87.4, baseline_cub_top1=82.1, dataset=_DS, note=_NOTE), **_SPEC)
+                weights=Weights(backbone="deit_tiny_patch16_224.fb_in1k"), reference=_fgvc(84.6, 89.4, 87.4, 82.1), **_SPEC)
 def dcal_deit_tiny(pretrained: bool = False, **kwargs: Any) -> DCAL:
     return _create(pretrained, "deit_tiny_patch16_224", **{**dict(embed_dim=192, depth=12, num_heads=3), **kwargs})
 
 
 @register_model(input_size=(3, 224, 224), source="zoo (timm ViT); backbone timm:deit_small_patch16_224 (IN-1k)",
-                meta=dict(weights="timm DeiT-S backbone (`pretrained=true`)", cub_top1=87.6, cars_top1=92.3,
-                          aircraft_top1=90.0, baseline_cub_top1=85.8, dataset=_DS, note=_NOTE),
-                **_SPEC)
+                weights=Weights(backbone="deit_small_patch16_224.fb_in1k"), reference=_fgvc(87.6, 92.3, 90.0, 85.8), **_SPEC)
 def dcal_deit_small(pretrained: bool = False, **kwargs: Any) -> DCAL:
     return _create(pretrained, "deit_small_patch16_224", **{**dict(embed_dim=384, depth=12, num_heads=6), **kwargs})
 
 
 @register_model(input_size=(3, 224, 224), source="zoo (timm ViT); backbone timm:deit_base_patch16_224 (IN-1k)",
-                meta=dict(weights="timm DeiT-B backbone (`pretrained=true`)", cub_top1=88.8, cars_top1=93.8,
-                          aircraft_top1=92.6, baseline_cub_top1=88.0, dataset=_DS, note=_NOTE),
-                **_SPEC)
+                weights=Weights(backbone="deit_base_patch16_224.fb_in1k"), reference=_fgvc(88.8, 93.8, 92.6, 88.0), **_SPEC)
 def dcal_deit_base(pretrained: bool = False, **kwargs: Any) -> DCAL:
     return _create(pretrained, "deit_base_patch16_224", **{**dict(embed_dim=768, depth=12, num_heads=12), **kwargs})
 
 
 @register_model(input_size=(3, 224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                 source="zoo (timm ViT); backbone timm:vit_base_patch16_224.augreg_in21k (IN-21k)",
-                meta=dict(weights="timm ViT-B/16 IN-21k backbone (`pretrained=true`)", cub_top1=91.4, cars_top1=93.4,
-                          aircraft_top1=91.5, baseline_cub_top1=90.8, dataset=_DS, note=_NOTE),
+                weights=Weights(backbone="vit_base_patch16_224.augreg_in21k"), reference=_fgvc(91.4, 93.4, 91.5, 90.8),
                 **_SPEC)
 def dcal_vit_base(pretrained: bool = False, **kwargs: Any) -> DCAL:
     return _create(pretrained, "vit_base_patch16_224.augreg_in21k",
@@ -560,7 +695,8 @@ def dcal_vit_base(pretrained: bool = False, **kwargs: Any) -> DCAL:
 
 
 @register_model(input_size=(3, 32, 32), size_divisor=4, min_size=4, task="classification", paper=PAPER,
-                checkpoint_filter=checkpoint_filter_fn, meta=dict(weights="none (CPU variant)"),
+                paper_ids=("arXiv:2205.02151",), first_conv="patch_embed.proj", classifier=("head", "glca_head"),
+                checkpoint_filter=checkpoint_filter_fn, weights=Weights(note="CPU variant: train it"),
                 source="zoo (timm ViT, 32 px, patch 4, 4 x 64-d, 4 heads, MLP ratio 2, sin-cos pos-embed start)")
 def dcal_deit_nano(pretrained: bool = False, **kwargs: Any) -> DCAL:
     """CPU variant for the embedded digits: 64 patch tokens, R = 6 GLCA queries."""

@@ -86,6 +86,7 @@ from torch import nn
 from ..contract import Capabilities, ZooModel
 from ..layers.pos_embed import check_pos_embed_init, init_sincos_pos_embed_
 from ..registry import register_model
+from ..spec import Metric, Reference, Weights
 
 PAPER = "Ding et al., Visual Dependency Transformers: Dependency Tree Emerges from Reversed Attention, CVPR 2023"
 _MEAN, _STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the draft's inception mean/std; no published weights
@@ -463,13 +464,12 @@ def part_labels(parent: torch.Tensor, received: torch.Tensor, num_parts: int) ->
 
 # ---------------------------------------------------------------------------------------- variants
 def _create(pretrained: bool, name: str, **kwargs) -> DependencyViT:
-    if pretrained:
-        raise ValueError(f"{name} has no published weights (the authors released none); "
-                         "train it (python train.py) or pass pretrained_file=")
     return DependencyViT(**kwargs)
 
 
-_SPEC = dict(task="classification", paper=PAPER, mean=_MEAN, std=_STD, size_divisor=16, min_size=64)
+# the draft code's preprocessing: Inception mean/std, bicubic, crop_pct 0.9
+_SPEC = dict(task="classification", paper=PAPER, paper_ids=("arXiv:2304.03282",), mean=_MEAN, std=_STD, crop_pct=0.9,
+             size_divisor=16, min_size=64, first_conv="patch_embed.proj")
 _NOT_FOUND = "paper's Table 1 not readable offline; see the report"
 _LITE = dict(prune_layers=LITE_PRUNE_LAYERS, prune_ratio=LITE_PRUNE_RATIO)
 _TINY = dict(embed_dim=192, depth=12, num_heads=3)  # DeiT-Ti geometry (the draft: 12 heads of 16)
@@ -477,26 +477,26 @@ _SMALL = dict(embed_dim=384, depth=12, num_heads=6)  # DeiT-S geometry (the draf
 
 
 @register_model(source="zoo (timm ViT pieces; no official code)",
-                meta=dict(weights='none published', dataset="imagenet-1k@224", paper_numbers=_NOT_FOUND), **_SPEC)
+                weights=Weights(note="none published"), reference=Reference(note=_NOT_FOUND), **_SPEC)
 def dependencyvit_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
     return _create(pretrained, "dependencyvit_tiny", **{**_TINY, **kwargs})
 
 
 @register_model(source="zoo (timm ViT pieces; no official code)",
-                meta=dict(weights='none published', dataset="imagenet-1k@224", paper_numbers=_NOT_FOUND), **_SPEC)
+                weights=Weights(note="none published"), reference=Reference(note=_NOT_FOUND), **_SPEC)
 def dependencyvit_small(pretrained: bool = False, **kwargs) -> nn.Module:
     return _create(pretrained, "dependencyvit_small", **{**_SMALL, **kwargs})
 
 
 @register_model(source="zoo (timm ViT pieces; no official code)",
-                meta=dict(weights='none published', dataset="imagenet-1k@224", paper_numbers=_NOT_FOUND), **_SPEC)
+                weights=Weights(note="none published"), reference=Reference(note=_NOT_FOUND), **_SPEC)
 def dependencyvit_lite_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
     return _create(pretrained, "dependencyvit_lite_tiny",
                    **{**_TINY, **_LITE, **kwargs})
 
 
 @register_model(source="zoo (timm ViT pieces; no official code)",
-                meta=dict(weights='none published', dataset="imagenet-1k@224", paper_numbers=_NOT_FOUND), **_SPEC)
+                weights=Weights(note="none published"), reference=Reference(note=_NOT_FOUND), **_SPEC)
 def dependencyvit_lite_small(pretrained: bool = False, **kwargs) -> nn.Module:
     return _create(pretrained, "dependencyvit_lite_small",
                    **{**_SMALL, **_LITE, **kwargs})
@@ -507,13 +507,15 @@ _NANO = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_
 
 
 @register_model(input_size=(3, 32, 32), size_divisor=4, min_size=16, source="zoo (CPU variant for 32 px)",
-                task="classification", paper=PAPER, mean=_MEAN, std=_STD)
+                task="classification", paper=PAPER, paper_ids=("arXiv:2304.03282",), mean=_MEAN, std=_STD, crop_pct=0.9,
+                first_conv="patch_embed.proj", weights=Weights(note="CPU variant: train it"))
 def dependencyvit_nano(pretrained: bool = False, **kwargs) -> nn.Module:
     return _create(pretrained, "dependencyvit_nano", **{**_NANO, **kwargs})
 
 
 @register_model(input_size=(3, 32, 32), size_divisor=4, min_size=16, source="zoo (CPU variant for 32 px)",
-                task="classification", paper=PAPER, mean=_MEAN, std=_STD)
+                task="classification", paper=PAPER, paper_ids=("arXiv:2304.03282",), mean=_MEAN, std=_STD, crop_pct=0.9,
+                first_conv="patch_embed.proj", weights=Weights(note="CPU variant: train it"))
 def dependencyvit_lite_nano(pretrained: bool = False, **kwargs) -> nn.Module:
     return _create(pretrained, "dependencyvit_lite_nano",
                    **{**_NANO, "prune_layers": (2, 4), "prune_ratio": 0.25, **kwargs})

@@ -1,18 +1,28 @@
-"""A small Semantic-FPN segmenter on any timm ``features_only`` encoder: the segmentation baseline.
+"""A small Semantic-FPN segmenter on any feature backbone: the segmentation baseline.
 
 Lateral 1x1 convs and a top-down pathway (Lin et al., FPN, CVPR 2017), each level refined by a
 3x3 conv-BN-ReLU, upsampled to the finest level and summed (Kirillov et al., Panoptic FPN, CVPR 2019),
 then a 1x1 classifier and bilinear upsampling to the input size. Later segmenters in the zoo are
 measured against it.
+
+The backbone (``backbone=``) is a timm model built ``features_only`` or a zoo classification model
+(``backbone="biformer_nano"``, ``"halonet_tiny"``, ...), see :func:`zoo.backbones.create_backbone`;
+``out_indices`` picks its levels (timm's meaning; ``None`` = all of the backbone's default levels).
+The registered variants' own ``out_indices`` are chosen for their own backbone: name the levels
+(or ``None``) with another backbone.
 """
 from __future__ import annotations
 
-import timm
+from typing import Any, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones import create_backbone
+from ..contract import Capabilities, ZooModel
 from ..registry import register_model
+from ..spec import Metric, Reference, Weights
 
 PAPER = "Kirillov et al., Panoptic Feature Pyramid Networks, CVPR 2019 (semantic FPN branch)"
 
@@ -72,25 +82,32 @@ class SemanticFPN(nn.Module):
         return self.cls_seg(x)
 
 
-class FPNSegmenter(nn.Module):
-    """``forward(x [B, C, H, W]) -> logits [B, num_classes, H, W]``."""
+class FPNSegmenter(ZooModel, nn.Module):
+    """``forward(x [B, C, H, W]) -> logits [B, num_classes, H, W]``.
+
+    ``backbone``: a timm or zoo model name (``encoder`` is its older name); ``backbone_kwargs`` go to its
+    constructor; ``pretrained_encoder`` loads the backbone's published weights.
+    """
+
+    zoo_capabilities = Capabilities(trainable_groups=True)
 
     def __init__(
         self,
         *,
-        encoder: str = "resnet18",
+        backbone: str = "resnet18",
         num_classes: int = 21,
         in_chans: int = 3,
         pretrained_encoder: bool = False,
         decoder_channels: int = 128,
-        out_indices: tuple[int, ...] = (1, 2, 3, 4),
+        out_indices: int | Sequence[int] | None = (1, 2, 3, 4),
         dropout: float = 0.1,
+        backbone_kwargs: dict[str, Any] | None = None,
+        encoder: str | None = None,
     ):
         super().__init__()
         self.num_classes = num_classes
-        self.encoder = timm.create_model(
-            encoder, features_only=True, out_indices=tuple(out_indices), pretrained=pretrained_encoder, in_chans=in_chans
-        )
+        self.encoder = create_backbone(encoder or backbone, out_indices=out_indices, pretrained=pretrained_encoder,
+                                       in_chans=in_chans, **(backbone_kwargs or {}))
         self.decoder = FPNDecoder(self.encoder.feature_info.channels(), decoder_channels)
         self.head = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(decoder_channels, num_classes, 1))
 
@@ -105,24 +122,29 @@ class FPNSegmenter(nn.Module):
         self.encoder.requires_grad_(False)
 
 
-def _fpn(encoder: str, pretrained: bool, **kwargs) -> FPNSegmenter:
-    return FPNSegmenter(encoder=encoder, pretrained_encoder=pretrained, **kwargs)
+def _fpn(backbone: str, pretrained: bool, **kwargs) -> FPNSegmenter:
+    """The variant's ``backbone`` unless the caller names one (``backbone=`` or ``encoder=``)."""
+    kwargs.setdefault("backbone", kwargs.pop("encoder", None) or backbone)
+    return FPNSegmenter(pretrained_encoder=pretrained, **kwargs)
 
 
-_SPEC = dict(task="segmentation", paper=PAPER, size_divisor=32)
+_SPEC = dict(task="segmentation", paper=PAPER, paper_ids=("arXiv:1901.02446",), size_divisor=32)
 
 
-@register_model(input_size=(3, 512, 512), source="zoo (timm resnet50 features_only + semantic FPN)", **_SPEC)
+@register_model(input_size=(3, 512, 512), source="zoo (timm resnet50 features_only + semantic FPN)",
+                weights=Weights(backbone="resnet50.a1_in1k"), crop_pct=0.95, **_SPEC)
 def fpn_resnet50(pretrained: bool = False, **kwargs) -> FPNSegmenter:
     return _fpn("resnet50", pretrained, **kwargs)
 
 
-@register_model(input_size=(3, 256, 256), source="zoo (timm resnet18 features_only + semantic FPN)", **_SPEC)
+@register_model(input_size=(3, 256, 256), source="zoo (timm resnet18 features_only + semantic FPN)",
+                weights=Weights(backbone="resnet18.a1_in1k"), crop_pct=0.95, **_SPEC)
 def fpn_resnet18(pretrained: bool = False, **kwargs) -> FPNSegmenter:
     return _fpn("resnet18", pretrained, **kwargs)
 
 
-@register_model(input_size=(3, 64, 64), source="zoo (timm resnet10t features_only + 64-ch semantic FPN)", **_SPEC)
+@register_model(input_size=(3, 64, 64), source="zoo (timm resnet10t features_only + 64-ch semantic FPN)",
+                weights=Weights(backbone="resnet10t.c3_in1k"), **_SPEC)
 def fpn_tiny(pretrained: bool = False, **kwargs) -> FPNSegmenter:
     kwargs.setdefault("decoder_channels", 64)
     kwargs.setdefault("out_indices", (0, 1, 2, 3, 4))  # keep the stride-2 map: shapes at 64 px are small

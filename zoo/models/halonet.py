@@ -22,10 +22,13 @@ from timm.layers.halo_attn import HaloAttn
 from timm.models.byobnet import ByobNet, ByoBlockCfg, ByoModelCfg
 from torch import nn
 
+from ..contract import Capabilities, ZooModel
 from ..registry import register_model
+from ..spec import Metric, Reference, Weights
 
 PAPER = "Vaswani et al., Scaling Local Self-Attention for Parameter Efficient Visual Backbones, CVPR 2021"
-_MEAN, _STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # timm's halonet pretrained_cfgs use inception mean/std
+# timm's pretrained_cfgs: ImageNet mean/std for the halonet weights (haloregnetz_b: 0.5), bicubic, crop 0.94-0.95
+_INCEPTION = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 # A 3-stage HaloNet for 32-64 px images: block 4, halo 1, attention in the last two stages.
 TINY_CFG = ByoModelCfg(
@@ -89,8 +92,17 @@ def _halo_received(attn: HaloAttn, x: torch.Tensor) -> torch.Tensor:
     return folded[..., hs: hs + H, hs: hs + W]
 
 
-class ZooByobNet(HaloAttentionMaps, ByobNet):
-    """timm's ByobNet with ``attention_maps`` (state dicts are unchanged)."""
+class ZooByobNet(ZooModel, HaloAttentionMaps, ByobNet):
+    """timm's ByobNet with ``attention_maps`` (state dicts are unchanged); the rest of the surface is timm's
+    (``forward_intermediates`` over the stages, ``set_grad_checkpointing`` through ``checkpoint_seq``)."""
+
+    zoo_capabilities = Capabilities(attention_maps=True)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """None, as timm trained its HaloNets: the relative-position tables (2-d) are decayed, only norms
+        and biases are skipped (by timm's optimizer factory)."""
+        return set()
 
 
 def _timm_halonet(variant: str, pretrained: bool, **kwargs) -> nn.Module:
@@ -99,47 +111,52 @@ def _timm_halonet(variant: str, pretrained: bool, **kwargs) -> nn.Module:
     return model
 
 
-_SPEC = dict(task="classification", paper=PAPER, mean=_MEAN, std=_STD)
+_SPEC = dict(task="classification", paper=PAPER, paper_ids=("arXiv:2103.12731",), classifier="head.fc")
 
 
-@register_model(input_size=(3, 256, 256), size_divisor=256, source="timm:halonet26t.a1h_in1k",
-                meta=dict(weights='timm ImageNet (`pretrained=true`)', params_m=12.48, gmacs=3.19, top1=79.13, dataset="imagenet-1k@256"), **_SPEC)
+@register_model(input_size=(3, 256, 256), size_divisor=256, crop_pct=0.95, first_conv="stem.conv1.conv",
+                source="timm:halonet26t.a1h_in1k", weights=Weights(timm="halonet26t.a1h_in1k"),
+                reference=Reference(params_m=12.48, gflops=3.19, metrics=(Metric("top1", 79.13, "imagenet-1k", 256),)), **_SPEC)
 def halonet26t(pretrained: bool = False, **kwargs) -> nn.Module:
     return _timm_halonet("halonet26t", pretrained, **kwargs)
 
 
-@register_model(input_size=(3, 256, 256), size_divisor=256, source="timm:halonet50ts.a1h_in1k",
-                meta=dict(weights='timm ImageNet (`pretrained=true`)', params_m=22.73, gmacs=5.30, top1=81.64, dataset="imagenet-1k@256"), **_SPEC)
+@register_model(input_size=(3, 256, 256), size_divisor=256, crop_pct=0.94, first_conv="stem.conv1.conv",
+                source="timm:halonet50ts.a1h_in1k", weights=Weights(timm="halonet50ts.a1h_in1k"),
+                reference=Reference(params_m=22.73, gflops=5.30, metrics=(Metric("top1", 81.64, "imagenet-1k", 256),)), **_SPEC)
 def halonet50ts(pretrained: bool = False, **kwargs) -> nn.Module:
     return _timm_halonet("halonet50ts", pretrained, **kwargs)
 
 
-@register_model(input_size=(3, 256, 256), size_divisor=256, source="timm:sehalonet33ts.ra2_in1k",
-                meta=dict(weights='timm ImageNet (`pretrained=true`)', params_m=13.69, gmacs=3.55, top1=80.98, dataset="imagenet-1k@256"), **_SPEC)
+@register_model(input_size=(3, 256, 256), size_divisor=256, crop_pct=0.94, first_conv="stem.conv1.conv",
+                source="timm:sehalonet33ts.ra2_in1k", weights=Weights(timm="sehalonet33ts.ra2_in1k"),
+                reference=Reference(params_m=13.69, gflops=3.55, metrics=(Metric("top1", 80.98, "imagenet-1k", 256),)), **_SPEC)
 def sehalonet33ts(pretrained: bool = False, **kwargs) -> nn.Module:
     return _timm_halonet("sehalonet33ts", pretrained, **kwargs)
 
 
-@register_model(input_size=(3, 256, 256), size_divisor=256, source="timm:eca_halonext26ts.c1_in1k",
-                meta=dict(weights='timm ImageNet (`pretrained=true`)', params_m=10.76, gmacs=2.44, top1=79.52, dataset="imagenet-1k@256"), **_SPEC)
+@register_model(input_size=(3, 256, 256), size_divisor=256, crop_pct=0.94, first_conv="stem.conv1.conv",
+                source="timm:eca_halonext26ts.c1_in1k", weights=Weights(timm="eca_halonext26ts.c1_in1k"),
+                reference=Reference(params_m=10.76, gflops=2.44, metrics=(Metric("top1", 79.52, "imagenet-1k", 256),)), **_SPEC)
 def eca_halonext26ts(pretrained: bool = False, **kwargs) -> nn.Module:
     return _timm_halonet("eca_halonext26ts", pretrained, **kwargs)
 
 
-@register_model(input_size=(3, 224, 224), size_divisor=224, source="timm:haloregnetz_b.ra3_in1k",
-                meta=dict(weights='timm ImageNet (`pretrained=true`)', params_m=11.68, gmacs=1.97, top1=81.06, dataset="imagenet-1k@224"), **_SPEC)
+@register_model(input_size=(3, 224, 224), size_divisor=224, crop_pct=0.94, **_INCEPTION, first_conv="stem.conv",
+                source="timm:haloregnetz_b.ra3_in1k", weights=Weights(timm="haloregnetz_b.ra3_in1k"),
+                reference=Reference(params_m=11.68, gflops=1.97, metrics=(Metric("top1", 81.06, "imagenet-1k", 224),)), **_SPEC)
 def haloregnetz_b(pretrained: bool = False, **kwargs) -> nn.Module:
     return _timm_halonet("haloregnetz_b", pretrained, **kwargs)
 
 
-@register_model(input_size=(3, 256, 256), size_divisor=256, source="timm:halonet_h1 (untrained)",
-                meta=dict(weights="none published (timm has the config only)", params_m=8.1, gmacs=3.0, dataset="imagenet-1k@256 (paper H1)"), **_SPEC)
+@register_model(input_size=(3, 256, 256), size_divisor=256, crop_pct=0.95, first_conv="stem.conv1.conv",
+                source="timm:halonet_h1 (untrained)", weights=Weights(note="none published: timm has the config only"),
+                reference=Reference(params_m=8.1, gflops=3.0, note="the paper's H1 on imagenet-1k@256"), **_SPEC)
 def halonet_h1(pretrained: bool = False, **kwargs) -> nn.Module:
     return _timm_halonet("halonet_h1", pretrained, **kwargs)
 
 
-@register_model(input_size=(3, 32, 32), size_divisor=32, source="zoo (timm ByobNet, 3 stages, b=4 h=1)", **_SPEC)
+@register_model(input_size=(3, 32, 32), size_divisor=32, first_conv="stem.conv", source="zoo (timm ByobNet, 3 stages, b=4 h=1)",
+                weights=Weights(note="CPU variant: train it (python train.py)"), **_INCEPTION, **_SPEC)
 def halonet_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
-    if pretrained:
-        raise ValueError("halonet_tiny has no published weights; train it (python train.py) or use pretrained_file=")
     return ZooByobNet(cfg=TINY_CFG, **kwargs)

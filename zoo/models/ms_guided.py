@@ -3,7 +3,7 @@
 Paper: Sinha & Dolz, "Multi-scale self-guided attention for medical image segmentation", IEEE JBHI 2020
 (arXiv 1906.02849). Origin: sinAshish/Multi-Scale-Attention (commit 96d76f2), ``src/models/my_stacked_danet.py``
 (``DAF_stack``), ``src/models/attention.py`` (PAM, CAM, semantic module), ``src/main.py`` (the loss).
-Re-written here on a timm ``features_only`` backbone; no official code is copied.
+Re-written here on a features-only backbone (timm's or the zoo's); no official code is copied.
 
 The network, for scales s = 1..4 (backbone stages of stride 4, 8, 16, 32):
 
@@ -24,11 +24,15 @@ official ``lossG``). MSE of the official batch-flattened latent ``enc2.view(-1)`
 so the latent is kept as ``[B, 4C', h/4, w/4]``: the value is the same.
 
 Documented choices and deviations:
-- **Backbone.** Any timm CNN with ``features_only`` (``encoder=``, ``out_indices=``); ``msguided_resnet101``
-  is the paper's ResNet-101, ``msguided_resnext101_32x8d`` the official code's (timm's ``resnext101_32x8d``
-  has torchvision's layout, so official backbone weights map key for key, see :func:`checkpoint_filter_fn`).
-  ``in_chans`` 1 (CHAOS, as the official code) or 3. ``pretrained=True`` loads timm's ImageNet weights
-  for the backbone (the official model is trained from scratch).
+- **Backbone.** Any timm model with ``features_only`` or zoo classification model (``backbone=``, e.g.
+  ``"biformer_nano"`` or ``"halonet_tiny"``; ``out_indices=``; see :func:`zoo.backbones.create_backbone`);
+  ``msguided_resnet101`` is the paper's ResNet-101, ``msguided_resnext101_32x8d`` the official code's
+  (timm's ``resnext101_32x8d`` has torchvision's layout, so official backbone weights map key for key, see
+  :func:`checkpoint_filter_fn`). ``in_chans`` 1 (CHAOS, as the official code) or 3. ``pretrained=True``
+  loads the backbone's published weights (timm's ImageNet ones; the official model is trained from scratch).
+  The registered variants' ``out_indices`` (1, 2, 3, 4) are chosen for their ResNets: with another
+  backbone name its levels (``None`` = all). Another number of scales than 4 (at least 2) builds one
+  guided attention and two heads per scale; the loss keeps the official per-term weights.
 - **Init.** Everything outside the backbone: official ``weights_init`` (xavier-normal conv / transposed conv
   weights, BN weight ~ N(1, 0.02), bias 0). The backbone keeps timm's init (official: xavier on it too).
 - **Class count** is ``num_classes`` (official: hard-coded 5). ``channels`` (official 64) is an argument;
@@ -47,31 +51,24 @@ Documented choices and deviations:
   computed in query chunks) and the CAM map (L2 norm over channels of the channel-attended features
   ``softmax(max - XX^T) X``), for step 1 and step 2: ``scale{s}_pam`` / ``scale{s}_cam`` ``[B, 2, h, w]``.
 - ``msguided_tiny`` (zoo's own, 64 px CPU runs): timm ``resnet10t``, ``channels=16`` (semantic modules
-  32 -> 64 -> 128), stride-4 maps as the paper; 5.98M parameters, 0.54 GMACs at 64 px.
+  32 -> 64 -> 128), stride-4 maps as the paper.
 
-Checked against the official ``DAF_stack`` built side by side (official code in /tmp, not in the repo), its
-xavier init mapped through :func:`checkpoint_filter_fn` into ``msguided_resnext101_32x8d(in_chans=1,
-num_classes=5)``, gammas set to 0.5, input 2x1x64x64: eval logits differ by <= 2.6e-8, the training loss is
-15.558182 (zoo) vs 15.558182 (official ``lossG``) with both PAM paths, head gradients identical.
-Parameters: official 104.511M, of which 0.955M in the unused modules; the used 103.556M equal the zoo's.
-
-Memory (``python -m zoo bench msguided_resnet101 msguided_tiny --img-size 256 --batch-size 2 --train
---warmup 1 --iters 3 --threads 1 --model-kwargs '{"pam_impl": "plain"|"sdpa"}'``, CPU, RSS growth per step):
-msguided_resnet101 train 2441 MB plain vs 1321 MB sdpa, inference 416 vs 175 MB; msguided_tiny train
-1587 vs 346 MB, inference 297 vs 42 MB. (The bench's GMACs read higher with sdpa, 104.8 vs 97.3: the
-counter charges the zero-padded q.k.)
+The side-by-side check against the official ``DAF_stack`` and the memory of the two PAM paths are in
+``results/ms_guided.md``.
 """
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones import create_backbone
+from ..contract import Capabilities, ZooModel
 from ..registry import register_model
+from ..spec import Metric, Reference, Weights
 
 PAPER = "Sinha & Dolz, Multi-scale self-guided attention for medical image segmentation, IEEE JBHI 2020"
 SOURCE = "sinAshish/Multi-Scale-Attention@96d76f2 (re-written on timm features_only)"
@@ -228,37 +225,48 @@ class GuidedAttention(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- model
-class MSGuidedSegmenter(nn.Module):
-    """``forward(x [B, C, H, W]) -> logits [B, num_classes, H, W]`` (mean of the 4 refined outputs)."""
+class MSGuidedSegmenter(ZooModel, nn.Module):
+    """``forward(x [B, C, H, W]) -> logits [B, num_classes, H, W]`` (mean of the refined outputs).
+
+    ``backbone``: a timm or zoo model name (``encoder`` is its older name), built features-only by
+    :func:`zoo.backbones.create_backbone`; ``backbone_kwargs`` go to its constructor. ``out_indices``
+    (timm's meaning, ``None`` = the backbone's default levels) picks the scales: 4 in the paper, any
+    number from 2 works (one guided attention and two heads per scale).
+    """
+
+    zoo_capabilities = Capabilities(own_objective=True, attention_maps=True, trainable_groups=True,
+                                    bench_extras=True)
 
     def __init__(
         self,
         *,
-        encoder: str = "resnet101",
+        backbone: str = "resnet101",
         num_classes: int = 5,
         in_chans: int = 3,
         pretrained_encoder: bool = False,
         channels: int = 64,
-        out_indices: Sequence[int] = (1, 2, 3, 4),
+        out_indices: int | Sequence[int] | None = (1, 2, 3, 4),
         pam_impl: str = "sdpa",
+        backbone_kwargs: dict[str, Any] | None = None,
+        encoder: str | None = None,
     ):
         super().__init__()
-        if len(out_indices) != 4:
-            raise ValueError(f"the model fuses exactly 4 scales; got out_indices={tuple(out_indices)}")
         self.num_classes = num_classes
-        self.encoder = timm.create_model(encoder, features_only=True, out_indices=tuple(out_indices),
-                                         pretrained=pretrained_encoder, in_chans=in_chans)
-        c = channels
-        self.down = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(ch, c, 1), nn.BatchNorm2d(c), nn.PReLU()) for ch in self.encoder.feature_info.channels()
-        )
-        self.fuse = MultiConv(4 * c, c)
+        backbone = encoder or backbone
+        self.encoder = create_backbone(backbone, out_indices=out_indices, pretrained=pretrained_encoder,
+                                       in_chans=in_chans, **(backbone_kwargs or {}))
+        chs = self.encoder.feature_info.channels()
+        if len(chs) < 2:
+            raise ValueError(f"the model fuses at least 2 scales; {backbone} with out_indices={out_indices} gives {len(chs)}")
+        n, c = len(chs), channels
+        self.down = nn.ModuleList(nn.Sequential(nn.Conv2d(ch, c, 1), nn.BatchNorm2d(c), nn.PReLU()) for ch in chs)
+        self.fuse = MultiConv(n * c, c)
         self.semantic = nn.ModuleList(SemanticModule(2 * c) for _ in range(2))  # one per step, shared by scales
         self.guide = nn.ModuleList(
-            nn.ModuleList(GuidedAttention(c, pam_impl=pam_impl) for _ in range(4)) for _ in range(2)
+            nn.ModuleList(GuidedAttention(c, pam_impl=pam_impl) for _ in range(n)) for _ in range(2)
         )
-        self.head = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for _ in range(4))
-        self.head_refined = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for _ in range(4))
+        self.head = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for _ in range(n))
+        self.head_refined = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for _ in range(n))
         for m in (self.down, self.fuse, self.semantic, self.guide, self.head, self.head_refined):
             m.apply(_official_init)
 
@@ -273,9 +281,9 @@ class MSGuidedSegmenter(nn.Module):
         out: dict[str, list[torch.Tensor]] = {"inputs": [], "latents": [], "recons": [], "refined": []}
         if initial:
             out["initial"] = [h(t) for h, t in zip(self.head, f)]
-        gate = [None] * 4
+        gate = [None] * len(f)
         for step in range(2):
-            for s in range(4):
+            for s in range(len(f)):
                 xs = torch.cat((f[s], fms if step == 0 else gate[s] * fms), 1)
                 z, r = self.semantic[step](xs)
                 a = self.guide[step][s](xs, r)
@@ -297,14 +305,14 @@ class MSGuidedSegmenter(nn.Module):
         o = self._run(x, initial=True)
         up = [F.interpolate(t, size=x.shape[-2:], mode="bilinear", align_corners=False) for t in o["initial"] + o["refined"]]
         ce = [F.cross_entropy(t, y, ignore_index=255) for t in up]
-        z = o["latents"]
+        z, n = o["latents"], len(o["initial"])
         losses = {
-            "ce_initial": sum(ce[:4]),
-            "ce_refined": sum(ce[4:]),
-            "guidance": 0.25 * sum(F.mse_loss(z[s], z[s + 4]) for s in range(4)),
+            "ce_initial": sum(ce[:n]),
+            "ce_refined": sum(ce[n:]),
+            "guidance": 0.25 * sum(F.mse_loss(z[s], z[s + n]) for s in range(n)),
             "recon": 0.1 * sum(F.mse_loss(i, r) for i, r in zip(o["inputs"], o["recons"])),
         }
-        return torch.stack(up[4:]).mean(0), losses
+        return torch.stack(up[n:]).mean(0), losses
 
     # ------------------------------------------------------------------ inspection
     @torch.no_grad()
@@ -315,10 +323,10 @@ class MSGuidedSegmenter(nn.Module):
             pam.keep_map = cam.keep_map = True
         try:
             self._run(x, initial=False)
-            maps = {}
-            for s in range(4):
+            maps, n = {}, len(self.down)
+            for s in range(n):
                 for i, kind in enumerate(("pam", "cam")):
-                    maps[f"scale{s + 1}_{kind}"] = torch.cat([mods[step * 4 + s][i].last_map for step in range(2)], 1)
+                    maps[f"scale{s + 1}_{kind}"] = torch.cat([mods[step * n + s][i].last_map for step in range(2)], 1)
         finally:
             for pam, cam in mods:
                 pam.keep_map = cam.keep_map = False
@@ -326,12 +334,13 @@ class MSGuidedSegmenter(nn.Module):
         return maps
 
     def bench_extras(self, img_size: int | None) -> dict:
-        """PAM size at this input: tokens per map and the N x N matrices a plain PAM keeps (8 per sample)."""
+        """PAM size at this input: tokens per map and the N x N matrices a plain PAM keeps (2 per scale and sample)."""
         if not img_size:
             return {}
         n = (img_size // self.encoder.feature_info.reduction()[0]) ** 2
         impl = self.guide[0][0].pam.attn[3].impl
-        return {"pam_impl": impl, "pam_tokens": n, "pam_matrices_mb_per_sample": round(8 * n * n * 4 / 2**20, 1)}
+        return {"pam_impl": impl, "pam_tokens": n,
+                "pam_matrices_mb_per_sample": round(2 * len(self.down) * n * n * 4 / 2**20, 1)}
 
     def get_classifier(self) -> nn.Module:
         return self.head_refined
@@ -392,28 +401,34 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- variants
-def _create(encoder: str, pretrained: bool, **kwargs) -> MSGuidedSegmenter:
-    return MSGuidedSegmenter(encoder=encoder, pretrained_encoder=pretrained, **kwargs)
+def _create(backbone: str, pretrained: bool, **kwargs) -> MSGuidedSegmenter:
+    """The variant's ``backbone`` unless the caller names one (``backbone=`` or ``encoder=``)."""
+    kwargs.setdefault("backbone", kwargs.pop("encoder", None) or backbone)
+    return MSGuidedSegmenter(pretrained_encoder=pretrained, **kwargs)
 
 
-_SPEC = dict(task="segmentation", paper=PAPER, size_divisor=32, checkpoint_filter=checkpoint_filter_fn)
+_SPEC = dict(task="segmentation", paper=PAPER, paper_ids=("arXiv:1906.02849",), size_divisor=32,
+             checkpoint_filter=checkpoint_filter_fn)
+# the official code feeds ToTensor() images, no normalisation (its DAF_stack weights were trained so)
+_OFFICIAL_INPUT = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
 @register_model(input_size=(3, 256, 256), source=SOURCE + "; paper backbone timm resnet101",
-                meta=dict(weights="timm ImageNet backbone (`pretrained=true`)"), **_SPEC)
+                weights=Weights(backbone="resnet101.a1h_in1k"), **_OFFICIAL_INPUT, **_SPEC)
 def msguided_resnet101(pretrained: bool = False, **kwargs) -> MSGuidedSegmenter:
     return _create("resnet101", pretrained, **kwargs)
 
 
 @register_model(input_size=(3, 256, 256), source=SOURCE + "; official backbone timm resnext101_32x8d",
                 # params_m: the official DAF_stack as counted here (0.955M of it in modules it never uses)
-                meta=dict(weights="timm ImageNet backbone (`pretrained=true`), official DAF_stack (`pretrained_file=`)",
-                          params_m=104.511), **_SPEC)
+                weights=Weights(backbone="resnext101_32x8d.tv_in1k", official_file="DAF_stack"),
+                reference=Reference(params_m=104.511), **_OFFICIAL_INPUT, **_SPEC)
 def msguided_resnext101_32x8d(pretrained: bool = False, **kwargs) -> MSGuidedSegmenter:
     return _create("resnext101_32x8d", pretrained, **kwargs)
 
 
-@register_model(input_size=(3, 64, 64), source="zoo (timm resnet10t features_only, 16-ch attention)", **_SPEC)
+@register_model(input_size=(3, 64, 64), source="zoo (timm resnet10t features_only, 16-ch attention)",
+                weights=Weights(backbone="resnet10t.c3_in1k"), **_SPEC)
 def msguided_tiny(pretrained: bool = False, **kwargs) -> MSGuidedSegmenter:
     kwargs.setdefault("channels", 16)  # semantic modules 32 -> 64 -> 128 channels: ~4x cheaper than 32
     return _create("resnet10t", pretrained, **kwargs)

@@ -23,23 +23,17 @@ mask is computed as at inference, like the code.
 Documented choices and deviations:
 - REAL sparse execution (the code computes dense attention and masks it): the work of QK^T and AV
   shrinks to K / N. ``execution="csr"``: sparse kernels, SDDMM (``torch.sparse.sampled_addmm``) for the
-  kept scores + CSR x dense SpMM for AV, the SpMM run by ``F.embedding_bag`` (FBGEMM; 4-17x faster than
-  torch's CSR matmul here) (no autograd; the inference path; the class row rides in the same pattern as a
-  dense row); ``"gather"``: each non-class query gathers its K keys and values (differentiable; the
-  training path); ``"auto"`` (default) picks csr when grad is off, else gather; ``"masked"`` is the code's
+  kept scores + CSR x dense SpMM for AV, the SpMM run by ``F.embedding_bag`` (FBGEMM; faster than torch's
+  CSR matmul on CPU, see ``results/sparsifiner.md``) (no autograd; the inference path; the class row rides
+  in the same pattern as a dense row); ``"gather"``: each non-class query gathers its K keys and values
+  (differentiable; the training path); ``"auto"`` (default) picks csr when grad is off, else gather; ``"masked"`` is the code's
   dense-then-mask path, kept for checks. All give the same output (tests: within 1e-5). The predictor's
   top-8 coefficients x basis product is the same SpMM (t * N multiply-adds per query; no gradient needed,
   the mask is detached). The bench's ``gflops`` column counts these kernels as executed and equals the
   analytic ``total_gmacs_analytic`` (tested).
-- Measured on this 2-core CPU (batch 8, 224 px, idle): ``python -m zoo bench timm:deit_small_patch16_224
-  sparsifiner_deit_small --img-size 224 --batch-size 8 --threads 1 --iters 5 --model-kwargs
-  '{"token_pruning_loc": [3, 6, 9], "token_keep_rate": 0.7}'``: dense DeiT-S 9.5 img/s, Sparsifiner with
-  token sparsity (the code's default pruning) 12.3 img/s (1.29x; 2 threads 20.4 vs 18.1; batch 1 10.4 vs
-  9.9). Attention sparsity ALONE is slower than dense on CPU (8.4 vs 9.5 img/s): per full layer (one
-  thread) selecting the connectivity (top 50 of 197 keys for 8 x 6 x 196 query rows) takes about 11 ms and
-  the predictor 7 ms, while the whole dense SDPA takes 6.7 ms and the sparse attention 7.5 ms: at 197 tokens
-  the mask costs more than the dense attention it replaces, whatever kernel executes it. Against the
-  official code (dense then mask), same weights: 1.93x with token sparsity, 1.45x attention only.
+- Speed: on CPU the gain comes with token sparsity; attention sparsity alone at 197 tokens costs more
+  (selecting the connectivity) than the dense attention it replaces. Measurements, with the commands that
+  gave them: ``results/sparsifiner.md``.
 - The predictor's products are reassociated (same function, fewer multiply-adds):
   ``k'' = W_k (k^T P_n) + b_k (1^T P_n)`` and ``q' k'' = q^T (W_q^T k'') + b_q^T k''``.
 - Token sparsity (optional; ``token_pruning_loc``, default ``()`` as the default YAML, the code default
@@ -64,28 +58,45 @@ Documented choices and deviations:
 - LV-ViT-S (``sparsifiner_lvvit_small``, the code's ``sparsifiner_lvvit``): the same blocks with LV-ViT's
   4-layer conv patch embedding (``p_emb="4_2"``), no qkv bias, MLP ratio 3, residual branches divided by
   ``skip_lam=2``, LayerNorm eps 1e-5 and the token-labeling ``aux_head`` (eval logits ``cls + 0.5 max_tokens
-  aux``; the token distillation compares the aux-head outputs, the code's ``features``). Checked side by
-  side with the official code on the same random weights: 26,420,112 parameters in both (backbone
-  26,151,824 = TokenLabeling's ``lvvit_s``); dense backbone logits within 1.3e-6 of TokenLabeling's; phase-one
-  approximate attention within 4e-9; sparse eval logits within 1e-6 of the official SparsifinerLVViT with
-  99.994% of mask entries equal (the rest: top-k near-ties flipped by reassociated float sums).
+  aux``; the token distillation compares the aux-head outputs, the code's ``features``). Parameter count as
+  the official SparsifinerLVViT (backbone = TokenLabeling's ``lvvit_s``; tested); the side-by-side
+  comparison with the official code is in ``results/sparsifiner.md``.
+
+timm surface (``VisionTransformer``'s, with these choices):
+- ``forward_features(x)`` / ``forward_head(x, pre_logits)`` / ``forward``: as timm; the LV-ViT head adds the
+  token-labeling term to the logits only (``pre_logits=True`` is the pooled class token, ``[B, embed_dim]``).
+  ``reset_classifier(n, global_pool)`` replaces the class head and, on LV-ViT, the ``aux_head`` too
+  (``n = 0``: neither, so ``forward`` returns the pooled features).
+- ``set_grad_checkpointing()``: each block runs under ``torch.utils.checkpoint`` (non-reentrant). The pass
+  state the blocks record (approximate attention, connectivity, class-row attention) is collected from a
+  private copy per block, so the recomputation in backward neither duplicates it nor sees later pruning.
+- ``forward_intermediates`` / ``prune_intermediate_layers`` / ``feature_info``: as timm's ViT (one entry per
+  block, stride = patch size) when every block keeps the full token grid (``token_pruning_loc=()``, the
+  default). With token pruning each sample keeps its own token subset: there is no grid to return, so they
+  raise and the instance's ``features_unsupported`` says why (use ``token_pruning_loc=()`` for features,
+  or ``connectivity()`` / ``attention_maps()``); ``feature_info`` is then empty.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, build_sincos2d_pos_embed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from ..contract import Capabilities, ZooModel
+from ..layers.pos_embed import check_pos_embed_init, init_sincos_pos_embed_
 from ..layers.sparse_attention import (csr_attention, gather_attention, masked_dense_attention, spmm,
                                       topk_indices_nonneg, topk_nonneg)
 from ..registry import register_model
+from ..spec import Metric, Reference, Weights
 
 PAPER = "Wei et al., Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision Transformers, CVPR 2023"
 PHASES = ("predictor", "backbone")
@@ -268,8 +279,10 @@ class ConvStemPatchEmbed(PatchEmbed):
 
 
 # ---------------------------------------------------------------------------------------- model
-class Sparsifiner(VisionTransformer):
+class Sparsifiner(ZooModel, VisionTransformer):
     """DeiT / ViT with a connectivity predictor per layer and sparse attention (see module docstring)."""
+
+    zoo_capabilities = Capabilities(own_objective=True, attention_maps=True, bench_extras=True)
 
     def __init__(
         self,
@@ -309,6 +322,7 @@ class Sparsifiner(VisionTransformer):
         aux_head: bool = False,
         norm_eps: float = 1e-6,
     ):
+        check_pos_embed_init(pos_embed_init)
         num_tokens = (img_size // patch_size) ** 2 + 1
         predictor_kwargs = dict(reduce_n_factor=reduce_n_factor, reduce_c_factor=reduce_c_factor,
                                 share_inout_proj=share_inout_proj, basis_threshold=basis_threshold, coef_topk=coef_topk)
@@ -346,12 +360,13 @@ class Sparsifiner(VisionTransformer):
         self.__dict__["_teacher"] = None  # unregistered: not in state_dict, not a parameter of the student
         self.freeze_pos_embed = freeze_pos_embed
         if pos_embed_init == "sincos":  # 2-D sin-cos start (class token at 0), still learned: helps tiny data
-            with torch.no_grad():
-                grid = list(self.patch_embed.grid_size)
-                self.pos_embed.zero_()
-                self.pos_embed[:, 1:].copy_(build_sincos2d_pos_embed(grid, embed_dim).reshape(1, -1, embed_dim))
-        elif pos_embed_init != "trunc_normal":
-            raise ValueError(f"pos_embed_init must be 'trunc_normal' or 'sincos', got {pos_embed_init!r}")
+            init_sincos_pos_embed_(self.pos_embed, self.patch_embed.grid_size, embed_dim)
+        if self.token_pruning_loc:  # per-sample token subsets: no spatial grid after the first pruning layer
+            self.features_unsupported = (
+                f"token pruning after blocks {self.token_pruning_loc} keeps a different token subset per sample, so "
+                "there is no spatial grid to return; build with token_pruning_loc=() for features, or use "
+                "connectivity() / attention_maps() to inspect the pruned model")
+            self.feature_info = []
         self.set_phase(phase)
 
     # ------------------------------------------------------------------ phases
@@ -376,10 +391,79 @@ class Sparsifiner(VisionTransformer):
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         for i, blk in enumerate(self.blocks):
             ctx.need_cls_attn = i in self.token_budgets and ctx.mode != "recon"
-            x = blk(x, ctx)
+            x = self._block(blk, x, ctx)
             if ctx.need_cls_attn:
                 x = self._prune(x, ctx, self.token_budgets[i])
         return self.norm(x)
+
+    def _block(self, blk: SparsifinerBlock, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+        """One block, under activation checkpointing when enabled (and grad is on). The block records into a
+        private copy of ``ctx`` taken now (the recomputation in backward sees this pass state, not the state of
+        later layers, and its records are dropped); the first run's records are merged into ``ctx``."""
+        if not (self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()):
+            return blk(x, ctx)
+        snap = replace(ctx, approx=[], attn=[], idx=[], keeps=[], cls_attn=None)
+
+        def run(x: torch.Tensor) -> tuple[torch.Tensor, _Ctx]:
+            local = replace(snap, approx=[], attn=[], idx=[], keeps=[], cls_attn=None)
+            return blk(x, local), local
+
+        x, local = checkpoint(run, x, use_reentrant=False)
+        for name in ("approx", "attn", "idx", "keeps"):
+            getattr(ctx, name).extend(getattr(local, name))
+        ctx.cls_attn = local.cls_attn
+        return x
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's ViT ``forward_intermediates`` (block outputs, prefix tokens split off, NCHW on the patch grid)
+        over the same (sparse) forward as :meth:`forward_features`; raises under token pruning (see
+        ``features_unsupported``)."""
+        if self.features_unsupported:
+            raise NotImplementedError(self.features_unsupported)
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        ctx = _Ctx(mode=self._mode())
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        intermediates = []
+        for i, blk in enumerate(self.blocks[:max_index + 1] if stop_early else self.blocks):
+            x = self._block(blk, x, ctx)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        npt = self.num_prefix_tokens
+        prefix_tokens = [y[:, :npt] for y in intermediates]
+        intermediates = [y[:, npt:] for y in intermediates]
+        if output_fmt == "NCHW":
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm's: drop the blocks after the last kept index (and the norm / heads when asked)."""
+        if self.features_unsupported:
+            raise NotImplementedError(self.features_unsupported)
+        return super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's ViT grouping (each block with its predictor; ``coarse`` changes nothing, as timm's ViT), the
+        class and token-labeling heads last."""
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed|^norm_pre",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm\.", (99999,))], head=r"^fc_norm|^head|^aux_head")
 
     def _prune(self, x: torch.Tensor, ctx: _Ctx, budget: int) -> torch.Tensor:
         """Keep the ``budget`` patch tokens the class token attends to most (mean over heads); remove the rest."""
@@ -412,9 +496,13 @@ class Sparsifiner(VisionTransformer):
         return tokens if self.aux_head is None else self.aux_head(tokens)
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """timm's; an LV-ViT model also gets a fresh ``aux_head`` for ``num_classes`` (none for 0)."""
         super().reset_classifier(num_classes, global_pool)
-        if self.aux_head is not None:
-            self.aux_head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else None
+        self._arch["num_classes"] = num_classes  # the teacher is built for the current classes
+        if self._arch["aux_head"]:
+            self.aux_head = None
+            if num_classes > 0:
+                self.aux_head = nn.Linear(self.embed_dim, num_classes).to(self.head.weight).train(self.training)
 
     # ------------------------------------------------------------------ teacher + training objective
     def teacher(self, device: torch.device | None = None) -> nn.Module | None:
@@ -616,24 +704,30 @@ def _create(pretrained: bool, timm_name: str | None, url: str | None = None, **k
     return model
 
 
-_SPEC = dict(task="classification", paper=PAPER, fixed_input_size=True, checkpoint_filter=checkpoint_filter_fn)
-_NOTE = "paper abstract: MHSA FLOPs -48..-69%, top-1 drop <= 0.4 (ImageNet-1k); per-model table values unverified"
+# the official DeiT/DynamicViT pipeline: ImageNet mean/std, bicubic, resize 256 -> crop 224 (crop_pct 0.875)
+_SPEC = dict(task="classification", paper=PAPER, paper_ids=("arXiv:2303.13755",), license="mit", fixed_input_size=True,
+             first_conv="patch_embed.proj", checkpoint_filter=checkpoint_filter_fn)
+_NOTE = ("paper abstract: MHSA FLOPs -48..-69%, top-1 drop <= 0.4 (ImageNet-1k; dense backbone top-1 {}); "
+         "per-model table values unverified")
 
 
 @register_model(input_size=(3, 224, 224), source="zoo (timm ViT) + lim142857/Sparsifiner; backbone timm:deit_tiny_patch16_224",
-                meta=dict(weights='timm DeiT (`pretrained=true`), official (`pretrained_file=`)', params_m=5.80, gflops=1.26, backbone_top1=72.2, note=_NOTE), **_SPEC)
+                weights=Weights(backbone="deit_tiny_patch16_224.fb_in1k", official_file="checkpoint"),
+                reference=Reference(params_m=5.80, gflops=1.26, note=_NOTE.format(72.2)), **_SPEC)
 def sparsifiner_deit_tiny(pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
     return _create(pretrained, "deit_tiny_patch16_224", **{**dict(embed_dim=192, depth=12, num_heads=3), **kwargs})
 
 
 @register_model(input_size=(3, 224, 224), source="zoo (timm ViT) + lim142857/Sparsifiner; backbone timm:deit_small_patch16_224",
-                meta=dict(weights='timm DeiT (`pretrained=true`), official (`pretrained_file=`)', params_m=22.25, gflops=4.6, backbone_top1=79.9, note=_NOTE), **_SPEC)
+                weights=Weights(backbone="deit_small_patch16_224.fb_in1k", official_file="checkpoint"),
+                reference=Reference(params_m=22.25, gflops=4.6, note=_NOTE.format(79.9)), **_SPEC)
 def sparsifiner_deit_small(pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
     return _create(pretrained, "deit_small_patch16_224", **{**dict(embed_dim=384, depth=12, num_heads=6), **kwargs})
 
 
 @register_model(input_size=(3, 224, 224), source="zoo (timm ViT) + lim142857/Sparsifiner; backbone timm:deit_base_patch16_224",
-                meta=dict(weights='timm DeiT (`pretrained=true`), official (`pretrained_file=`)', params_m=86.97, gflops=17.6, backbone_top1=81.8, note=_NOTE), **_SPEC)
+                weights=Weights(backbone="deit_base_patch16_224.fb_in1k", official_file="checkpoint"),
+                reference=Reference(params_m=86.97, gflops=17.6, note=_NOTE.format(81.8)), **_SPEC)
 def sparsifiner_deit_base(pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
     return _create(pretrained, "deit_base_patch16_224", **{**dict(embed_dim=768, depth=12, num_heads=12), **kwargs})
 
@@ -645,8 +739,8 @@ _LVVIT_NOTE = ("LV-ViT-S backbone: 26.15M params, 83.3 top-1 (TokenLabeling READ
 
 @register_model(input_size=(3, 224, 224),
                 source="zoo (timm ViT blocks) + lim142857/Sparsifiner src/models/sparsifiner_lvvit.py; backbone LV-ViT-S (zihangJiang/TokenLabeling)",
-                meta=dict(weights="official LV-ViT-S release (`pretrained=true`), official (`pretrained_file=`)",
-                          backbone_top1=83.3, note=_LVVIT_NOTE), **_SPEC)
+                weights=Weights(url=LVVIT_S_URL, official_file="checkpoint"), reference=Reference(note=_LVVIT_NOTE),
+                **{**_SPEC, "first_conv": "patch_embed.conv.0"})
 def sparsifiner_lvvit_small(pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
     """Sparsifiner on LV-ViT-S, as the official ``sparsifiner_lvvit``: 384-d, 16 layers, 6 heads, MLP ratio 3, no
     qkv bias, the 4-layer conv patch embedding (``p_emb="4_2"``), residual branches divided by ``skip_lam=2``,
@@ -657,7 +751,8 @@ def sparsifiner_lvvit_small(pretrained: bool = False, **kwargs: Any) -> Sparsifi
     return _create(pretrained, None, url=LVVIT_S_URL, **{**arch, **kwargs})
 
 
-@register_model(input_size=(3, 32, 32), source="zoo (timm ViT, 32 px, patch 4, 4 x 64-d, 4 heads, MLP ratio 2, sin-cos start)", **_SPEC)
+@register_model(input_size=(3, 32, 32), source="zoo (timm ViT, 32 px, patch 4, 4 x 64-d, 4 heads, MLP ratio 2, sin-cos start)",
+                weights=Weights(note="CPU variant: train it"), **_SPEC)
 def sparsifiner_deit_nano(pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
     """CPU variant for the embedded digits: 4x4 patches (64 tokens + class token), keep rate 0.25 -> 16 keys per
     query, the code's ``reduce_n_factor=6`` (rank 10). The position embedding starts from a 2-D sin-cos table

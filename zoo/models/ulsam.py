@@ -23,9 +23,10 @@ Documented choices and deviations:
   the unused ``nout, h, w`` arguments are dropped; ``m % g == 0`` is asserted with a clear message.
 - The softmax makes ``A ~ 1/(HW)``, so the module starts close to identity; this is how it works, not fixed.
 
-Placements (the paper's position column is not in the public material; these follow the slides' param/MAC
-arithmetic, see ``../shared/papers/ulsam.md``; which one of several equal-shaped layers is used is **our
-choice**, and counts do not depend on it; pass ``positions=`` to change it):
+Placements (the paper's position column is not in the public material; these follow the param/MAC arithmetic
+of the authors' WACV slides: e.g. MV1 "3.9M / 517M" is 4.2M / 569M minus exactly one 14x14x512 layer (0.26M,
+52M MACs) plus ULSAM; which one of several equal-shaped layers is used is **our choice**, and counts do not
+depend on it; pass ``positions=`` to change it):
 - MobileNet-V1 "replace": ULSAM replaces the last of the five repeated 14x14x512 depthwise-separable layers
   (``blocks.3.5``); "add": ULSAM is added after that layer (paper: 4.2M / 569.2M).
   Widths 0.75 / 0.5 (paper: g=1) replace the same layer (384 / 256 channels). timm has no 0.75/0.5 MV1;
@@ -38,15 +39,14 @@ choice**, and counts do not depend on it; pass ``positions=`` to change it):
   ``width=`` to change) from timm's ``EfficientNet`` pieces, ULSAM (g=4) replacing ``blocks.4.2`` (96-ch
   stage at 8x8) and ``blocks.5.2`` (160-ch stage at 4x4), as in the paper's headline MV2 configuration.
 
-Reference counts (tests/test_ulsam.py). MACs at 224 match the paper within 1% for every variant with counts
-(timm's baselines agree with the paper's: MV1 568.7M vs 569M, x0.75 325.4M vs 325M, x0.5 149.5M vs 149M,
-MV2 300.8M vs 300M). Parameters: the paper's baselines are rounded (MV2 3.4M, timm ``mobilenetv2_100``
-3.505M; MV1 4.2M, timm 4.232M), so the zoo matches the paper's *reduction* relative to its baseline, applied
-to timm's: target = timm baseline - (paper baseline - paper variant). ``ulsam_mobilenetv2_100``: 3.068M vs
-target 3.505 - (3.4 - 2.96) = 3.065M (the paper's 2.96M is 3.4M minus the same 0.437M);
-``ulsam_mobilenetv1_100``: 3.966M vs 4.232 - (4.2 - 3.9) = 3.932M (0.9%). The paper's MV1 x0.75 / x0.5 rows
-(2.6 -> 2.4M, 1.3 -> 1.2M) are given to 0.1M and truncated, too coarse for 1%: ours are 2.435M and 1.264M
-(the removed layer holds exactly 0.151M / 0.068M; MACs 296.0M / 136.3M match the paper's 296M / 136M).
+Counts against the paper: the paper's baselines are rounded (MV2 3.4M where timm's ``mobilenetv2_100`` has
+3.505M), so the zoo matches the paper's parameter *reduction* relative to its baseline, applied to timm's
+(target = timm baseline - (paper baseline - paper variant)), and its MACs within 1%; the MV1 x0.75 / x0.5
+rows, given to 0.1M and truncated, are checked by truncation. ``tests/test_ulsam.py`` checks every variant;
+the numbers are in ``results/ulsam.md``.
+
+The timm surface (``forward_intermediates``, ``feature_info``, ``set_grad_checkpointing``, ...) is
+:class:`ULSAMMobileNet`'s, i.e. timm's ``EfficientNet``'s: ULSAM modules sit inside the stages.
 """
 from __future__ import annotations
 
@@ -57,7 +57,9 @@ import torch
 from timm.models.efficientnet import EfficientNet, _gen_mobilenet_v1, decode_arch_def, round_channels
 from torch import nn
 
+from ..contract import Capabilities, ZooModel
 from ..registry import register_model
+from ..spec import Metric, Reference, Weights
 
 PAPER = ("Saini et al., ULSAM: Ultra-Lightweight Subspace Attention Module for Compact Convolutional Neural "
          "Networks, WACV 2020")
@@ -199,10 +201,23 @@ def ulsam_attention_maps(model: nn.Module, x: torch.Tensor, forward: Callable | 
 
 
 # ---------------------------------------------------------------------------------------- backbones
-class ULSAMMobileNet(EfficientNet):
-    """timm's ``EfficientNet`` (MobileNet-V1/V2) with ULSAM modules; adds ``attention_maps`` and bench columns."""
+class ULSAMMobileNet(ZooModel, EfficientNet):
+    """timm's ``EfficientNet`` (MobileNet-V1/V2) with ULSAM modules; adds ``attention_maps`` and bench columns.
 
+    The rest of the surface is timm's, unchanged by the inserted modules (they sit inside the ``blocks``
+    stages, under the replaced block's name): ``forward_intermediates`` / ``feature_info`` give the stage
+    maps, ``set_grad_checkpointing`` checkpoints the stages (``checkpoint_seq``), ``group_matcher`` groups
+    a ULSAM with the block it replaced or follows.
+    """
+
+    zoo_capabilities = Capabilities(attention_maps=True, bench_extras=True)
     ulsam_positions: list[str]
+    ulsam_mode: str
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """None: no position embeddings or tokens (timm's optimizer factory still skips norms and biases)."""
+        return set()
 
     def attention_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return ulsam_attention_maps(self, x, forward=self.forward_features)
@@ -255,8 +270,6 @@ def _timm(name: str) -> Callable[..., EfficientNet]:
 
 def _mv1(width: float) -> Callable[..., EfficientNet]:
     def gen(pretrained: bool = False, **kw) -> EfficientNet:
-        if pretrained:
-            raise ValueError(f"timm has no pretrained MobileNet-V1 {width}; use pretrained_file= or train it")
         return _gen_mobilenet_v1("mobilenetv1_100", width, **kw)  # variant name only picks timm's (unused) cfg
     return gen
 
@@ -264,8 +277,6 @@ def _mv1(width: float) -> Callable[..., EfficientNet]:
 def _mv2_tiny(pretrained: bool = False, *, width: float = 0.35, **kw) -> EfficientNet:
     """A shallow MobileNet-V2 (x``width``) for 32 px: stem and the 24-ch stage at stride 2, then stride 1 up to the
     96-ch stage (8x8 on 32 px) and stride 2 into the 160-ch stage (4x4); one block in the 24/32/64 stages."""
-    if pretrained:
-        raise ValueError("ulsam_mobilenetv2_tiny has no published weights; train it (python train.py)")
     arch_def = [["ds_r1_k3_s1_c16"], ["ir_r1_k3_s2_e6_c24"], ["ir_r1_k3_s1_e6_c32"], ["ir_r1_k3_s1_e6_c64"],
                 ["ir_r3_k3_s1_e6_c96"], ["ir_r3_k3_s2_e6_c160"], ["ir_r1_k3_s1_e6_c320"]]
     return EfficientNet(block_args=decode_arch_def(arch_def), num_features=round_channels(1280, width), stem_size=32,
@@ -276,15 +287,25 @@ MV1_REPLACE = ("blocks.3.5",)  # the last of the five repeated 14x14x512 layers
 MV2 = dict(r96=("blocks.4.2",), r160=("blocks.5.2",), r64_96=("blocks.3.3", "blocks.4.2"),
            r160x2=("blocks.5.1", "blocks.5.2"), r96_160=("blocks.4.2", "blocks.5.2"),
            r96x2_160x2=("blocks.4.1", "blocks.4.2", "blocks.5.1", "blocks.5.2"))
-_SPEC = dict(task="classification", paper=PAPER, checkpoint_filter=checkpoint_filter)
-_MV1 = dict(params_ref_baseline_m=4.2, gflops_ref_baseline=0.569, dataset="imagenet-1k@224")
-_MV2 = dict(params_ref_baseline_m=3.4, gflops_ref_baseline=0.300, dataset="imagenet-1k@224")
+_SPEC = dict(task="classification", paper=PAPER, paper_ids=("arXiv:2006.15102",), checkpoint_filter=checkpoint_filter,
+             first_conv="conv_stem", classifier="classifier")
+# preprocessing of the timm backbone weights (pretrained_cfg): MobileNet-V1 ra4 Inception mean/std, V2 ImageNet
+_MV1_WEIGHTS = dict(weights=Weights(backbone="mobilenetv1_100.ra4_e3600_r224_in1k"), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+_MV2_WEIGHTS = dict(weights=Weights(backbone="mobilenetv2_100.ra_in1k"))
+
+
+def _ref(params_m: float | None, gflops: float | None, top1: float | None, what: str, baseline: tuple[float, float]) -> Reference:
+    return Reference(params_m=params_m, gflops=gflops, metrics=(Metric("top1", top1, "imagenet-1k", 224),) if top1 else (),
+                     note=f"ULSAM {what}; the paper's baseline MobileNet: {baseline[0]}M, {baseline[1]} GFLOPs")
+
+
+_MV1 = (4.2, 0.569)
+_MV2 = (3.4, 0.300)
 
 
 # ---------------------------------------------------------------------------------------- variants
 @register_model(source="zoo (timm mobilenetv1_100, ULSAM replaces blocks.3.5)",
-                meta=dict(weights='timm MobileNet backbone (`pretrained=true`)', params_m=3.9, gflops=0.517, top1=70.43, ulsam="replace 1x 14^2x512 layer, g=4", **_MV1),
-                **_SPEC)
+                reference=_ref(3.9, 0.517, 70.43, "replaces 1x 14^2x512 layer, g=4", _MV1), **_MV1_WEIGHTS, **_SPEC)
 def ulsam_mobilenetv1_100(pretrained: bool = False, *, num_splits: int = 4, positions: Sequence[str] = MV1_REPLACE,
                           bn_momentum: float = 0.1, **kwargs) -> ULSAMMobileNet:
     return _mobilenet(_timm("mobilenetv1_100"), positions, mode="replace", num_splits=num_splits,
@@ -292,8 +313,7 @@ def ulsam_mobilenetv1_100(pretrained: bool = False, *, num_splits: int = 4, posi
 
 
 @register_model(source="zoo (timm mobilenetv1_100, ULSAM added after blocks.3.5)",
-                meta=dict(weights='timm MobileNet backbone (`pretrained=true`)', params_m=4.2, gflops=0.5692, top1=70.92, ulsam="added after 1x 14^2x512 layer, g=1..16",
-                          **_MV1), **_SPEC)
+                reference=_ref(4.2, 0.5692, 70.92, "added after 1x 14^2x512 layer, g=1..16", _MV1), **_MV1_WEIGHTS, **_SPEC)
 def ulsam_mobilenetv1_100_add(pretrained: bool = False, *, num_splits: int = 4, positions: Sequence[str] = MV1_REPLACE,
                               bn_momentum: float = 0.1, **kwargs) -> ULSAMMobileNet:
     return _mobilenet(_timm("mobilenetv1_100"), positions, mode="add", num_splits=num_splits,
@@ -301,8 +321,8 @@ def ulsam_mobilenetv1_100_add(pretrained: bool = False, *, num_splits: int = 4, 
 
 
 @register_model(source="zoo (timm MobileNet-V1 x0.75, ULSAM replaces blocks.3.5)",
-                meta=dict(weights='timm MobileNet backbone (`pretrained=true`)', params_m=2.4, gflops=0.296, top1=67.98, ulsam="replace 1x 14^2x384 layer, g=1",
-                          params_ref_baseline_m=2.6, gflops_ref_baseline=0.325, dataset="imagenet-1k@224"), **_SPEC)
+                reference=_ref(2.4, 0.296, 67.98, "replaces 1x 14^2x384 layer, g=1", (2.6, 0.325)),
+                weights=Weights(note="timm has no MobileNet-V1 x0.75 weights"), **_SPEC)
 def ulsam_mobilenetv1_075(pretrained: bool = False, *, num_splits: int = 1, positions: Sequence[str] = MV1_REPLACE,
                           bn_momentum: float = 0.1, **kwargs) -> ULSAMMobileNet:
     return _mobilenet(_mv1(0.75), positions, mode="replace", num_splits=num_splits,
@@ -310,8 +330,8 @@ def ulsam_mobilenetv1_075(pretrained: bool = False, *, num_splits: int = 1, posi
 
 
 @register_model(source="zoo (timm MobileNet-V1 x0.5, ULSAM replaces blocks.3.5)",
-                meta=dict(weights='timm MobileNet backbone (`pretrained=true`)', params_m=1.2, gflops=0.136, top1=63.42, ulsam="replace 1x 14^2x256 layer, g=1",
-                          params_ref_baseline_m=1.3, gflops_ref_baseline=0.149, dataset="imagenet-1k@224"), **_SPEC)
+                reference=_ref(1.2, 0.136, 63.42, "replaces 1x 14^2x256 layer, g=1", (1.3, 0.149)),
+                weights=Weights(note="timm has no MobileNet-V1 x0.5 weights"), **_SPEC)
 def ulsam_mobilenetv1_050(pretrained: bool = False, *, num_splits: int = 1, positions: Sequence[str] = MV1_REPLACE,
                           bn_momentum: float = 0.1, **kwargs) -> ULSAMMobileNet:
     return _mobilenet(_mv1(0.5), positions, mode="replace", num_splits=num_splits,
@@ -321,10 +341,6 @@ def ulsam_mobilenetv1_050(pretrained: bool = False, *, num_splits: int = 1, posi
 def _mv2_variant(key: str, params_m: float, gflops: float, what: str, top1: float | None = None):
     """Register ``ulsam_mobilenetv2_100[_key]``: timm mobilenetv2_100 with ULSAM replacing ``MV2[key]``."""
     name = "ulsam_mobilenetv2_100" + ("" if key == "r96_160" else f"_{key}")
-    meta = dict(weights="timm MobileNet backbone (`pretrained=true`)", params_m=params_m, gflops=gflops,
-                ulsam=f"replace {what}, g=4", **_MV2)
-    if top1 is not None:
-        meta["top1"] = top1
 
     def builder(pretrained: bool = False, *, num_splits: int = 4, positions: Sequence[str] = MV2[key],
                 bn_momentum: float = 0.1, **kwargs) -> ULSAMMobileNet:
@@ -334,7 +350,7 @@ def _mv2_variant(key: str, params_m: float, gflops: float, what: str, top1: floa
     builder.__name__ = builder.__qualname__ = name
     builder.__doc__ = f"MobileNet-V2 1.0, ULSAM (g=num_splits) replaces {what}: {', '.join(MV2[key])}."
     register_model(builder, name=name, source=f"zoo (timm mobilenetv2_100, ULSAM replaces {', '.join(MV2[key])})",
-                   meta=meta, **_SPEC)
+                   reference=_ref(params_m, gflops, top1, f"replaces {what}, g=4", _MV2), **_MV2_WEIGHTS, **_SPEC)
     return builder
 
 
@@ -347,8 +363,8 @@ ulsam_mobilenetv2_100_r96x2_160x2 = _mv2_variant("r96x2_160x2", 2.54, 0.224, "tw
 
 
 @register_model(source="zoo (timm mobilenetv2_100, ULSAM added after blocks.4.2 and blocks.5.2: assumed positions)",
-                meta=dict(weights='timm MobileNet backbone (`pretrained=true`)', top1=71.64, ulsam="added (positions not public; ours: after blocks.4.2, 5.2), g=4", **_MV2),
-                **_SPEC)
+                reference=_ref(None, None, 71.64, "added (positions not public; ours: after blocks.4.2, 5.2), g=4", _MV2),
+                **_MV2_WEIGHTS, **_SPEC)
 def ulsam_mobilenetv2_100_add(pretrained: bool = False, *, num_splits: int = 4,
                               positions: Sequence[str] = MV2["r96_160"], bn_momentum: float = 0.1,
                               **kwargs) -> ULSAMMobileNet:
@@ -357,7 +373,8 @@ def ulsam_mobilenetv2_100_add(pretrained: bool = False, *, num_splits: int = 4,
 
 
 @register_model(input_size=(3, 32, 32),
-                source="zoo (shallow MobileNet-V2 x0.35 for 32 px, ULSAM replaces blocks.4.2, 5.2)", **_SPEC)
+                source="zoo (shallow MobileNet-V2 x0.35 for 32 px, ULSAM replaces blocks.4.2, 5.2)",
+                weights=Weights(note="CPU variant: train it (python train.py)"), **_SPEC)
 def ulsam_mobilenetv2_tiny(pretrained: bool = False, *, num_splits: int = 4, positions: Sequence[str] = MV2["r96_160"],
                            bn_momentum: float = 0.1, **kwargs) -> ULSAMMobileNet:
     return _mobilenet(_mv2_tiny, positions, mode="replace", num_splits=num_splits, bn_momentum=bn_momentum,
