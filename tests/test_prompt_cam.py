@@ -5,6 +5,9 @@ import pytest
 import torch
 
 import zoo
+from tests.test_vit_nano import (check_batch_independent, check_contract, check_feature_getter,
+                                 check_grad_checkpointing, check_group_matcher)
+from zoo.contract import capabilities
 from zoo.models.prompt_cam import PromptCAM, checkpoint_filter_fn
 
 
@@ -166,3 +169,131 @@ def test_paper_style_overlay_and_cli_top_traits(tmp_path):
     rc = main(["explain", "--model", "promptcam_vit_nano", "--num-classes", "5", "--pretrained-file",
                str(tmp_path / "w.pt"), str(tmp_path / "img0.png"), "--out", str(tmp_path / "maps"), "--top-traits", "2"])
     assert rc == 0 and len(list((tmp_path / "maps").glob("img0_traits.png"))) == 1
+
+
+# ---------------------------------------------------------------------------------------- timm surface
+MODES = ("deep", "shallow")
+
+
+def _block_outputs(net: PromptCAM, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every backbone block's output (prompts first) during ``forward_features``."""
+    outs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, a, o: outs.append(o)) for b in net.backbone.blocks]
+    with torch.no_grad():
+        net.forward_features(x)
+    for h in hooks:
+        h.remove()
+    return outs
+
+
+def test_contract_capabilities_and_class_attributes():
+    net = _net()
+    check_contract(net)
+    assert capabilities(net).declared() == ["attention_maps", "rank_heads", "trainable_groups", "bench_extras"]
+    assert "overlay_style" not in vars(net) and PromptCAM.overlay_style == dict(interpolation="bicubic", blur=9)
+    assert net.num_features == net.head_hidden_size == 96
+    assert net.get_classifier() is net.head
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_forward_is_head_of_features_pre_logits_is_the_backbone_pool(mode):
+    net, x = _net(vpt_mode=mode).eval(), _x()
+    with torch.no_grad():
+        feats = net.forward_features(x)
+        assert feats.shape == (3, 5 + 1 + 64, 96)
+        assert torch.equal(net(x), net.forward_head(feats))
+        pre = net.forward_head(feats, pre_logits=True)
+    assert pre.shape == (3, net.head_hidden_size)
+    assert torch.equal(pre, feats[:, 5])  # the class token (the backbone's global_pool='token'), after the prompts
+
+
+def test_reset_classifier_rebuilds_the_class_prompts():
+    net, x = _net().eval(), _x(2)
+    vit = net.backbone
+    with torch.no_grad():
+        net.reset_classifier(7)
+        assert net.prompts.shape == (6, 7, 96) and net.num_classes == 7 and net(x).shape == (2, 7)
+        assert isinstance(net.head, torch.nn.Linear) and net.get_classifier() is net.head
+        assert [n for n, p in net.named_parameters() if p.requires_grad] == ["prompts", "head.weight", "head.bias"]
+        net.reset_classifier(0)  # no prompts: the plain frozen backbone's pooled feature
+        assert net.prompts.shape == (6, 0, 96) and isinstance(net.get_classifier(), torch.nn.Identity)
+        torch.testing.assert_close(net(x), vit.forward_head(vit.forward_features(x), pre_logits=True))
+        assert net(x).shape == (2, net.num_features)
+        with pytest.raises(ValueError, match="class prompts"):
+            net.attention_maps(x)
+        net.reset_classifier(0, global_pool="")  # unpooled tokens
+        torch.testing.assert_close(net(x), vit.forward_features(x))
+        net.reset_classifier(3, global_pool="token")
+        assert net(x).shape == (2, 3) and net.attention_maps(x)["prompt_attn"].shape == (2, 6, 8, 8)
+    shallow = _net(vpt_mode="shallow")
+    shallow.reset_classifier(4)
+    assert shallow.prompts.shape == (1, 4, 96) and shallow(x).shape == (2, 4)
+
+
+def test_group_matcher_no_weight_decay_batch_independence():
+    for mode in MODES:
+        net = _net(vpt_mode=mode)
+        assert net.no_weight_decay() == set()
+        check_group_matcher(net)
+        check_batch_independent(net, _x(3))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_grad_checkpointing_is_real_with_prompts_per_layer(mode):
+    check_grad_checkpointing(lambda: _net(vpt_mode=mode), _x(2))
+
+
+def test_grad_checkpointing_seeded_drop_path_and_intermediates():
+    # stochastic depth in the frozen backbone and prompt dropout: the recomputation replays the same masks
+    check_grad_checkpointing(lambda: _net(drop_path_rate=0.2, vpt_dropout=0.1), _x(2))
+    check_grad_checkpointing(lambda: _net(), _x(2),
+                             forward=lambda n, x: torch.stack(n.forward_intermediates(x, intermediates_only=True)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_forward_intermediates_are_the_blocks_patch_tokens(mode):
+    net, x = _net(vpt_mode=mode).eval(), _x(2)
+    blocks = _block_outputs(net, x)
+    start = 5 + 1  # prompts, class token
+    with torch.no_grad():
+        final, maps = net.forward_intermediates(x)
+        assert torch.equal(final, net.forward_features(x))
+        assert len(maps) == len(net.feature_info) == len(blocks) == 6
+        for y, ref, info in zip(maps, blocks, net.feature_info):
+            assert y.shape == (2, info["num_chs"], 32 // info["reduction"], 32 // info["reduction"]) == (2, 96, 8, 8)
+            torch.testing.assert_close(y.flatten(2).transpose(1, 2), ref[:, start:])
+        assert [i["module"] for i in net.feature_info] == [f"backbone.blocks.{i}" for i in range(6)]
+        torch.testing.assert_close(maps[-2].flatten(2).transpose(1, 2), net.tokens_before_last(x)[:, start:])
+        normed = net.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)
+        torch.testing.assert_close(normed[0].flatten(2).transpose(1, 2), final[:, start:])
+        nlc = net.forward_intermediates(x, indices=[0, -1], output_fmt="NLC", intermediates_only=True)
+        assert [t.shape for t in nlc] == [(2, 64, 96)] * 2
+        torch.testing.assert_close(nlc[1], blocks[5][:, start:])
+        calls = []
+        hook = net.backbone.blocks[2].register_forward_hook(lambda *a: calls.append(1))
+        early_final, early = net.forward_intermediates(x, indices=[1], stop_early=True)
+        hook.remove()
+        assert calls == [] and len(early) == 1
+        torch.testing.assert_close(early[0], maps[1])
+        torch.testing.assert_close(early_final, net.backbone.norm(blocks[1]))
+    with pytest.raises(ValueError, match="output_fmt"):
+        net.forward_intermediates(x, output_fmt="NHWC")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_prune_intermediate_layers_and_feature_getter(mode):
+    import copy
+
+    net, x = _net(vpt_mode=mode).eval(), _x(2)
+    pruned = copy.deepcopy(net)
+    assert pruned.prune_intermediate_layers(indices=[1, 3]) == [1, 3]
+    assert len(pruned.backbone.blocks) == 4 and pruned.prompts.shape == ((4 if mode == "deep" else 1), 5, 96)
+    assert isinstance(pruned.get_classifier(), torch.nn.Identity)
+    with torch.no_grad():  # the class prompts stay: the maps of the pruned net are the full net's
+        torch.testing.assert_close(pruned.forward_intermediates(x, indices=[1, 3], intermediates_only=True),
+                                   net.forward_intermediates(x, indices=[1, 3], intermediates_only=True))
+    check_feature_getter(net, x, (1, 3, 5))
+    feats = zoo.create_model("promptcam_vit_nano", num_classes=5, vpt_mode=mode, features_only=True,
+                             out_indices=(2, 5)).eval()
+    with torch.no_grad():
+        assert [m.shape for m in feats(x)] == [(2, 96, 8, 8)] * 2
