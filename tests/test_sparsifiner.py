@@ -262,3 +262,254 @@ def test_published_weights_download_once_and_fail_offline_with_advice(tmp_path, 
     with pytest.raises(WeightsError, match="pretrained_file="):
         _create(True, None, url="https://example.invalid/other.pth", **LV_SMALL)
     assert not list((tmp_path / "torch").rglob("*.part"))
+
+
+# ---------------------------------------------------------------------------------------- timm surface
+def _lvvit(**kw):
+    torch.manual_seed(0)
+    return zoo.create_model("sparsifiner_lvvit_small", **{**LV_SMALL, **kw})  # the registered LV-ViT, made small
+
+
+SURFACE_NETS = {"deit": lambda **kw: nano(**kw), "lvvit": lambda **kw: _lvvit(**{"depth": 4, **kw})}  # 4 blocks each
+
+
+@pytest.mark.parametrize("arch", SURFACE_NETS)
+@pytest.mark.parametrize("prune", [(), (1,)])
+def test_contract_and_capabilities(arch, prune):
+    from zoo.contract import ZooModel, capabilities, contract_violations
+
+    m = SURFACE_NETS[arch](token_pruning_loc=prune, token_keep_rate=0.7)
+    assert isinstance(m, ZooModel)
+    assert contract_violations(m, "classification") == []
+    assert capabilities(m).declared() == ["own_objective", "attention_maps", "bench_extras"]
+    assert isinstance(m.num_features, int) and isinstance(m.head_hidden_size, int)
+    assert m.num_features == m.head_hidden_size == m.embed_dim
+
+
+@pytest.mark.parametrize("arch", SURFACE_NETS)
+def test_forward_is_head_of_features_and_pre_logits(arch):
+    m = SURFACE_NETS[arch]().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = m.forward_features(x)
+        assert torch.equal(m(x), m.forward_head(feats))
+        pre = m.forward_head(feats, pre_logits=True)
+        assert pre.shape == (2, m.head_hidden_size)
+        torch.testing.assert_close(pre, feats[:, 0])  # the class token, LV-ViT's too (the aux term is logits only)
+        want = m.head(pre) if m.aux_head is None else m.head(pre) + 0.5 * m.aux_head(feats[:, 1:]).amax(1)
+        torch.testing.assert_close(m(x), want)
+
+
+@pytest.mark.parametrize("arch", SURFACE_NETS)
+def test_reset_classifier(arch):
+    m = SURFACE_NETS[arch]().eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert m.get_classifier() is m.head
+    with torch.no_grad():
+        m.reset_classifier(5)
+        assert m.get_classifier() is m.head and m.head.out_features == 5
+        assert m(x).shape == (2, 5)
+        if arch == "lvvit":  # the token-labeling head follows the class count, eval logits keep their form
+            assert m.aux_head.out_features == 5 and not m.aux_head.training
+            f = m.forward_features(x)
+            torch.testing.assert_close(m(x), m.head(f[:, 0]) + 0.5 * m.aux_head(f[:, 1:]).amax(1))
+        m.reset_classifier(0)
+        assert m.aux_head is None
+        feats = m.forward_features(x)
+        torch.testing.assert_close(m(x), feats[:, 0])  # pooled pre-logits
+        assert m(x).shape == (2, m.num_features)
+        m.reset_classifier(0, global_pool="avg")
+        torch.testing.assert_close(m(x), feats[:, 1:].mean(1))
+        m.reset_classifier(0, global_pool="")
+        torch.testing.assert_close(m(x), feats)  # unpooled tokens
+        m.reset_classifier(3, global_pool="token")
+        assert m(x).shape == (2, 3)
+        if arch == "lvvit":
+            assert m.aux_head.out_features == 3
+    if arch == "lvvit":  # built without classes: reset_classifier still adds the token-labeling head
+        m = _lvvit(num_classes=0)
+        assert m.aux_head is None and m(x).shape == (2, m.num_features)
+        m.reset_classifier(4)
+        assert m.aux_head.out_features == 4 and m.eval()(x).shape == (2, 4)
+
+
+@pytest.mark.parametrize("arch", SURFACE_NETS)
+def test_no_weight_decay_and_group_matcher_cover_every_parameter(arch):
+    import re
+
+    from timm.models._manipulate import group_parameters
+
+    m = SURFACE_NETS[arch]()
+    names = [k for k, _ in m.named_parameters()]
+    assert m.no_weight_decay() == {"pos_embed", "cls_token"} and m.no_weight_decay() <= set(names)  # the code's set
+    for coarse in (False, True):
+        matcher = m.group_matcher(coarse=coarse)
+        patterns = [p for spec in matcher.values() for p in ([s[0] for s in spec] if isinstance(spec, list) else [spec])]
+        unmatched = [k for k in names if not any(re.match(p, k) for p in patterns)]
+        assert unmatched == []
+        groups = group_parameters(m, matcher)
+        assert sorted(k for g in groups.values() for k in g) == sorted(names)
+    groups = group_parameters(m, m.group_matcher())
+    assert len(groups) == 1 + len(m.blocks) + 1  # stem, one per block (with its predictor), heads
+    assert any(k.startswith("blocks.0.attn.mask_predictor.") for k in groups[1])
+    assert "norm.weight" in groups[len(m.blocks)]  # timm's MATCH_PREV_GROUP: the final norm joins the last block
+    assert "head.weight" in groups[len(m.blocks) + 1]
+
+
+def _saved_count(fn):
+    n = [0]
+
+    def pack(t):
+        n[0] += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, n[0]
+
+
+@pytest.mark.parametrize("phase,prune,arch", [("backbone", (), "deit"), ("backbone", (1, 2), "deit"),
+                                              ("predictor", (), "deit"), ("predictor", (1,), "deit"),
+                                              ("backbone", (), "lvvit")])
+def test_grad_checkpointing_is_real_and_exact(tmp_path, phase, prune, arch):
+    """Same losses and gradients with and without checkpointing (drop-path on, seeded), fewer saved tensors,
+    and the recorded pass state (approximate attention for the phase-one loss, token subsets) not doubled
+    by the recomputation in backward."""
+    make = SURFACE_NETS[arch]
+    teacher = tmp_path / "t.pt"
+    torch.save(make(attn_keep_rate=1.0).state_dict(), teacher)
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([1, 2, 3])
+    runs = []
+    for ckpt in (False, True):
+        m = make(phase=phase, token_pruning_loc=prune, token_keep_rate=0.7, drop_path_rate=0.1,
+                 teacher_ckpt=str(teacher) if phase == "backbone" else None).train()
+        m.set_grad_checkpointing(ckpt)
+        assert m.grad_checkpointing is ckpt
+        torch.manual_seed(1)
+        (logits, losses), saved = _saved_count(lambda: m.forward_train(x, y))
+        sum(losses.values()).backward()
+        grads = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+        runs.append((logits.detach(), {k: v.detach() for k, v in losses.items()}, grads, saved))
+    (l0, loss0, g0, s0), (l1, loss1, g1, s1) = runs
+    torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
+    for k in loss0:
+        torch.testing.assert_close(loss1[k], loss0[k], atol=1e-5, rtol=1e-5)
+    assert g0 and set(g1) == set(g0)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], atol=1e-5, rtol=1e-5)
+    assert s1 < s0 / 2, (s1, s0)
+
+    from zoo.models.sparsifiner import _Ctx
+
+    m.train().zero_grad()
+    ctx = _Ctx(mode="recon" if phase == "predictor" else "sparse", record_attn=phase == "predictor", record_idx=True)
+    out = m.forward_features(x, ctx)
+    lengths = [len(ctx.approx), len(ctx.attn), len(ctx.idx), len(ctx.keeps)]
+    (out.sum() + sum(a.sum() for a in ctx.approx)).backward()
+    assert [len(ctx.approx), len(ctx.attn), len(ctx.idx), len(ctx.keeps)] == lengths
+    assert len(ctx.idx) == len(m.blocks) and len(ctx.approx) == (len(m.blocks) if phase == "predictor" else 0)
+    if prune and phase == "backbone":  # phase one's dense fit does not prune
+        assert ctx.keep.shape[1] == 1 + min(m.token_budgets.values())
+
+
+@pytest.mark.parametrize("arch", SURFACE_NETS)
+def test_forward_intermediates_timm_semantics(arch):
+    m = SURFACE_NETS[arch]().eval()
+    x = torch.randn(2, 3, 32, 32)
+    g = m.patch_embed.grid_size
+    depth, D = len(m.blocks), m.embed_dim
+    assert m.features_unsupported is None
+    assert m.feature_info == [dict(module=f"blocks.{i}", num_chs=D, reduction=4) for i in range(depth)]
+    with torch.no_grad():
+        final, inter = m.forward_intermediates(x)
+        assert torch.equal(final, m.forward_features(x))
+        assert len(inter) == depth and all(t.shape == (2, D, *g) for t in inter)
+        last = m.forward_intermediates(x, indices=[-1], norm=True, intermediates_only=True)[0]
+        torch.testing.assert_close(last, final[:, 1:].transpose(1, 2).reshape(2, D, *g))  # prefix token dropped
+        two = m.forward_intermediates(x, indices=2, intermediates_only=True)
+        assert [torch.equal(a, b) for a, b in zip(two, inter[-2:])] == [True, True]
+        picked = m.forward_intermediates(x, indices=[0, -1], output_fmt="NLC", intermediates_only=True)
+        assert [t.shape for t in picked] == [(2, g[0] * g[1], D)] * 2
+        torch.testing.assert_close(picked[0].transpose(1, 2).reshape(2, D, *g), inter[0])
+        early = m.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
+        assert torch.equal(early[0], inter[1])
+        with_prefix = m.forward_intermediates(x, indices=[0], return_prefix_tokens=True, intermediates_only=True)
+        assert with_prefix[0][1].shape == (2, 1, D)
+        with pytest.raises(ValueError, match="output_fmt"):
+            m.forward_intermediates(x, output_fmt="NHWC")
+
+
+@pytest.mark.parametrize("arch", SURFACE_NETS)
+def test_prune_intermediate_layers_and_feature_getter(arch):
+    from timm.models._features import FeatureGetterNet
+
+    x = torch.randn(2, 3, 32, 32)
+    ref = SURFACE_NETS[arch]().eval()
+    with torch.no_grad():
+        want = ref.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+    m = SURFACE_NETS[arch]().eval()
+    assert m.prune_intermediate_layers(indices=[0, 2]) == [0, 2]
+    assert len(m.blocks) == 3 and m.aux_head is None and isinstance(m.head, torch.nn.Identity)
+    with torch.no_grad():
+        got = m.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert m(x).shape == (2, m.num_tokens, m.embed_dim)  # head pruned: unpooled features
+
+    net = FeatureGetterNet(SURFACE_NETS[arch]().eval(), out_indices=(1, -1))
+    with torch.no_grad():
+        maps = net(x)
+    info = net.feature_info
+    assert [t.shape[1] for t in maps] == info.channels() == [64, 64]
+    assert [32 // t.shape[-1] for t in maps] == info.reduction() == [4, 4]
+    assert info.module_name() == ["blocks.1", f"blocks.{len(ref.blocks) - 1}"]
+
+
+@pytest.mark.parametrize("arch", SURFACE_NETS)
+def test_features_only_through_create_model(arch):
+    name = {"deit": "sparsifiner_deit_nano", "lvvit": "sparsifiner_lvvit_small"}[arch]
+    kw = {} if arch == "deit" else {k: v for k, v in LV_SMALL.items() if k != "num_classes"}
+    net = zoo.create_model(name, features_only=True, out_indices=(0, 2), **{**kw, "depth": 4})
+    with torch.no_grad():
+        maps = net.eval()(torch.randn(2, 3, 32, 32))
+    assert [m.shape for m in maps] == [(2, 64, 8, 8)] * 2
+    assert net.feature_info.channels() == [64, 64] and net.feature_info.reduction() == [4, 4]
+    with pytest.raises(Exception, match=r"token_pruning_loc=\(\)"):
+        zoo.create_model(name, features_only=True, token_pruning_loc=(1,), **kw)
+
+
+def test_token_pruning_refuses_intermediates_with_the_reason():
+    from zoo.models.sparsifiner import Sparsifiner
+
+    m = nano(token_pruning_loc=(1, 2), token_keep_rate=0.7).eval()
+    assert Sparsifiner.features_unsupported is None  # per instance: only pruned models lack the grid
+    assert "token_pruning_loc=()" in m.features_unsupported and "attention_maps" in m.features_unsupported
+    assert m.feature_info == []
+    for call in (lambda: m.forward_intermediates(torch.randn(1, 3, 32, 32)),
+                 lambda: m.prune_intermediate_layers(1)):
+        with pytest.raises(NotImplementedError, match=r"token_pruning_loc=\(\)"):
+            call()
+    assert len(m.blocks) == 4  # nothing was pruned before refusing
+    assert nano().features_unsupported is None
+
+
+@pytest.mark.parametrize("prune", [(), (1, 2)])
+@pytest.mark.parametrize("arch", SURFACE_NETS)
+def test_eval_output_independent_of_batch_mates(arch, prune):
+    m = SURFACE_NETS[arch](token_pruning_loc=prune, token_keep_rate=0.7).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x)[:1], m(x[:1]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m(x)[2:], m(x[2:]), atol=1e-5, rtol=1e-5)
+
+
+def test_sincos_position_start_is_the_shared_one():
+    from zoo.layers.pos_embed import init_sincos_pos_embed_
+    from zoo.models.sparsifiner import Sparsifiner
+
+    m = nano()  # the nano builder starts from sin-cos
+    want = torch.empty_like(m.pos_embed)
+    init_sincos_pos_embed_(want, m.patch_embed.grid_size, m.embed_dim)
+    assert torch.equal(m.pos_embed.detach(), want) and m.pos_embed.requires_grad
+    assert not torch.equal(nano(pos_embed_init="trunc_normal").pos_embed.detach(), want)
+    with pytest.raises(ValueError, match="pos_embed_init"):
+        Sparsifiner(img_size=32, patch_size=4, embed_dim=64, depth=1, num_heads=2, pos_embed_init="zeros")

@@ -7,6 +7,8 @@ queries each keep their own K keys can use them.
 - :func:`masked_dense_attention`: dense scores, masked, softmax: the reference the others are tested against.
 - :func:`spmm`: CSR x dense through ``F.embedding_bag`` (FBGEMM on CPU).
 - :func:`topk_nonneg`, :func:`topk_indices_nonneg`: faster exact top-k for non-negative float scores.
+
+The CPU timings behind these kernel choices are in ``results/sparsifiner.md``.
 """
 from __future__ import annotations
 
@@ -46,9 +48,8 @@ def spmm(cols: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, offsets:
 
     ``cols, values: [R, K]`` (K entries per row), or flat with ``offsets`` (the CSR row starts, rows of any
     length). Executed by ``F.embedding_bag(mode="sum", per_sample_weights=...)``, which IS a CSR SpMM (offsets =
-    crow, indices = col, weights = values) and runs FBGEMM's kernel on CPU: measured 0.44 vs 7.4 ms for
-    ``torch.sparse_csr_tensor @ dense`` (9408 rows x 8 of 32 entries, 197 wide) and 1.0 vs 4.1 ms for the
-    attention's ``P V`` (48 x 197 rows x 50 entries, 64 wide), one thread."""
+    crow, indices = col, weights = values) and runs FBGEMM's kernel on CPU, several times faster than
+    ``torch.sparse_csr_tensor @ dense`` at the sizes Sparsifiner uses."""
     return F.embedding_bag(cols, dense.contiguous(), offsets, mode="sum",  # FBGEMM's fast path wants contiguous
                            per_sample_weights=values.to(dense.dtype).contiguous())
 
@@ -91,8 +92,7 @@ def csr_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.
 
 def topk_nonneg(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Unsorted top-``k`` along the last dim of a NON-NEGATIVE float32 tensor, same result as ``x.topk``: the bit
-    patterns of non-negative IEEE floats order like int32, and the CPU top-k is about 30% faster on integers
-    (measured: 13.7 vs 19.1 ms for 50 of 197 over 9408 rows, one thread)."""
+    patterns of non-negative IEEE floats order like int32, and the CPU top-k is faster on integers."""
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return x.topk(k, dim=-1, sorted=False)
     vals, ids = x.contiguous().view(torch.int32).topk(k, dim=-1, sorted=False)
@@ -110,8 +110,8 @@ def _select_pool(workers: int):
 def topk_indices_nonneg(x: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of :func:`topk_nonneg` (the connectivity mask: no values, no gradient). On CPU, numpy's
     ``argpartition`` (introselect on the int32 view) over row blocks in ``torch.get_num_threads()`` threads (it
-    releases the GIL): measured 11.1 vs 14.0 ms (1 thread) and 4.8 vs 7.0 ms (2 threads) for 50 of 197 over
-    9408 rows. Equal scores at the boundary may pick a different (equally valid) key than ``torch.topk``."""
+    releases the GIL), faster than the int32 ``topk``. Equal scores at the boundary may pick a different (equally
+    valid) key than ``torch.topk``."""
     n = x.shape[-1]
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad or k >= n or x.numel() < 65536:
         return topk_nonneg(x, min(k, n))[1]
