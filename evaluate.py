@@ -16,7 +16,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from train import build_loggers, check_config, container, trainer_kwargs
+from zoo.contract import capabilities, overlay_style
 from zoo.errors import ZooError
+from zoo.spec import stored_input
 from zoo.runner import flat_metrics, load_task, prepare_data, print_metrics_table, write_metrics
 
 log = logging.getLogger("zoo.evaluate")
@@ -27,7 +29,7 @@ def explain(task, dm, out_dir: str, max_images: int) -> list[Path]:
     from zoo.explain import denormalize, save_attention_maps
 
     net = task.net.eval()
-    if not hasattr(net, "attention_maps"):
+    if not capabilities(net).attention_maps:
         raise ZooError(f"{task.hparams.model['name']} defines no attention_maps(x); explain=true needs one")
     batch = next(iter(dm.test_dataloader()))
     with torch.no_grad():
@@ -41,7 +43,7 @@ def explain(task, dm, out_dir: str, max_images: int) -> list[Path]:
             x = batch[0][:max_images]
             images, maps = denormalize(x, dm.mean, dm.std), net.attention_maps(x)
     return save_attention_maps(images, maps, out_dir, prefix=task.hparams.model["name"], max_images=max_images,
-                               **getattr(net, "overlay_style", {}))
+                               **overlay_style(net))
 
 
 def _explain_slide(net, bags, mask, coords):
@@ -74,9 +76,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     task = load_task(cfg.ckpt_path)
-    info = task.hparams.data_info or {}
     dm = instantiate(cfg.data, _convert_="all")
-    prepare_data(dm, task.hparams.model["name"], img_size=info.get("img_size"), mean=info.get("mean"), std=info.get("std"))
+    # the checkpoint's input (size, channels, mean/std, crop) unless the user overrides it (logged as such)
+    prepare_data(dm, task.hparams.model["name"], stored=stored_input(task.hparams), log=log.warning)
     if dm.num_classes != task.num_classes:
         raise ZooError(f"the checkpoint has {task.num_classes} classes but data '{cfg.data.dataset}' has "
                        f"{dm.num_classes}; evaluate on the data it was trained for")

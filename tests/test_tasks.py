@@ -5,13 +5,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from zoo.contract import Capabilities, ZooModel
 from zoo.tasks import ClassificationTask, MILTask, SegmentationTask
 from zoo.tasks.base import warmup_cosine
 from zoo.tasks.segmentation import scores_from_confusion
 
 
-class NetWithObjective(nn.Module):
-    """A net with its own training objective: the task must sum and log exactly these losses."""
+class NetWithObjective(ZooModel, nn.Module):
+    """A net with its own training objective (declared): the task must sum and log exactly these losses."""
+
+    zoo_capabilities = Capabilities(own_objective=True)
 
     def __init__(self):
         super().__init__()

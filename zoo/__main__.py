@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .contract import capabilities, overlay_style
 from .errors import ZooError
+from .spec import resolve_run_input, stored_input
 from .registry import TASKS
 
 
@@ -201,20 +203,24 @@ def cmd_explain(args: argparse.Namespace) -> int:
         model = hp.get("model")
         name = model if isinstance(model, str) else model["name"]
         class_names = list((hp.get("data_info") or {}).get("class_names") or [])
+        stored = stored_input(hp)  # the checkpoint's size, channels and mean/std
     else:
+        stored = {}
         name = args.model
         kwargs = _json_kwargs(args.model_kwargs)
         num_classes = args.num_classes if args.num_classes is not None else kwargs.pop("num_classes", None)
         net = zoo.create_model(name, num_classes=num_classes, pretrained_file=args.pretrained_file, **kwargs)
-    spec = zoo.get_spec(name)
+    spec = net.zoo_spec  # as built: a fixed-size net built for another size carries that size
+    run = resolve_run_input(spec, {"img_size": args.img_size}, stored=stored, log=lambda m: _console(True).print(m))
     if spec.task == "mil":
         raise ZooError(f"{name} is a MIL model: `zoo explain` draws maps over single images; "
                        "use `python evaluate.py ... explain=true` for bags")
-    if not callable(getattr(net, "attention_maps", None)):
+    caps = capabilities(net)
+    if not caps.attention_maps:
         raise ZooError(f"{name} defines no attention_maps(x); `zoo explain` needs a model that does")
-    if args.top_traits and not callable(getattr(net, "rank_heads", None)):
+    if args.top_traits and not caps.rank_heads:
         raise ZooError(f"{name} has no head ranking (rank_heads); --top-traits is for Prompt-CAM models")
-    size = (args.img_size, args.img_size) if args.img_size else tuple(spec.input_size[-2:])
+    size = (run.img_size, run.img_size)
     spec.check_input_size(size)
 
     paths = [Path(p) for p in args.images]
@@ -237,10 +243,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start:start + args.batch_size]
         try:
-            imgs = torch.stack([load_image(p, size, channels=spec.input_size[0]) for p in chunk])
+            imgs = torch.stack([load_image(p, size, channels=run.in_chans) for p in chunk])
         except OSError as e:  # PIL.UnidentifiedImageError is an OSError
             raise ZooError(f"cannot read image: {e}") from None
-        x = normalize(imgs, spec.mean, spec.std).to(device)
+        x = normalize(imgs, run.mean, run.std).to(device)
         with torch.no_grad():
             maps = net.attention_maps(x, top_traits=args.top_traits) if args.top_traits else net.attention_maps(x)
             logits = net(x) if spec.task == "classification" else None
@@ -253,9 +259,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
             label = [class_names[int(c)] if int(c) < len(class_names) else f"class {int(c)}" for c in cls]
             titles = [f"{t} ({lab}, p={float(q):.3g})" for t, lab, q in zip(titles, label, conf)]
         written += save_attention_maps(
-            denormalize(x.cpu(), spec.mean, spec.std), maps, out_dir, max_images=len(chunk),
+            denormalize(x.cpu(), run.mean, run.std), maps, out_dir, max_images=len(chunk),
             titles=titles, names=stems[start:start + args.batch_size], alpha=args.alpha, cmap=args.cmap,
-            **getattr(net, "overlay_style", {}),
+            **overlay_style(net),
         )
     for p in written:
         console.print(str(p), soft_wrap=True, highlight=False)

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .contract import capabilities
 from .errors import InputSizeError, UnknownModelError, ZooError
 from .registry import ModelSpec, get_spec, list_models
 
@@ -411,9 +412,8 @@ def _run_one(job: dict[str, Any]) -> dict[str, Any]:
     peaks = [p for p in (row["infer_peak_mem_mb"], row["train_peak_mem_mb"]) if p is not None]
     row["peak_mem_mb"] = max(peaks) if peaks else None
 
-    extras = getattr(model, "bench_extras", None)
-    if callable(extras):
-        row.update(extras(size[0] if size else None))
+    if capabilities(model).bench_extras:
+        row.update(model.bench_extras(size[0] if size else None))
     return {k: row[k] for k in ROW_KEYS if k in row} | {k: v for k, v in row.items() if k not in ROW_KEYS}
 
 

@@ -27,6 +27,7 @@ Optional capabilities, declared on the class as ``zoo_capabilities = Capabilitie
 ``rank_heads``        ``rank_heads(x, labels, top_k) -> [B, top_k]`` head ranking for trait maps
 ``trainable_groups``  ``freeze_backbone()`` freezes what the model's recipe does not train
 ``bench_extras``      ``bench_extras(img_size) -> dict`` numbers ``zoo bench`` adds to its row
+``no_weight_decay``   dense / MIL nets: ``no_weight_decay() -> set[str]`` (classification: required)
 ====================  ===========================================================================
 
 ``overlay_style`` (a dict of keyword arguments for :func:`zoo.explain.save_attention_maps`) is a
@@ -58,12 +59,14 @@ class Capabilities:
     rank_heads: bool = False
     trainable_groups: bool = False
     bench_extras: bool = False
+    no_weight_decay: bool = False  # dense / MIL nets; classification nets always have it (timm's surface)
 
     # capability -> the method it promises
     METHODS: ClassVar[dict[str, str]] = {
         "own_objective": "forward_train", "soft_targets": "forward_train", "attention_maps": "attention_maps",
         "attention_weights": "attention_weights", "rank_heads": "rank_heads",
         "trainable_groups": "freeze_backbone", "bench_extras": "bench_extras",
+        "no_weight_decay": "no_weight_decay",
     }
 
     def declared(self) -> list[str]:
@@ -88,6 +91,14 @@ def overlay_style(net: nn.Module) -> dict[str, Any]:
     return dict(net.overlay_style) if isinstance(net, ZooModel) else {}
 
 
+def no_weight_decay(net: nn.Module, task: str) -> set[str]:
+    """Parameter names the optimizer keeps out of weight decay: a classification net's ``no_weight_decay()``
+    (timm's surface); for dense and MIL nets, theirs where they declare ``no_weight_decay``."""
+    if task == "classification" or capabilities(net).no_weight_decay:
+        return set(net.no_weight_decay())
+    return set()
+
+
 def contract_violations(net: nn.Module, task: str) -> list[str]:
     """What ``net`` promises but lacks, or has but does not declare; empty when it keeps the contract."""
     problems = []
@@ -95,6 +106,8 @@ def contract_violations(net: nn.Module, task: str) -> list[str]:
         problems.append(f"{type(net).__name__} does not inherit zoo.contract.ZooModel")
     caps = capabilities(net)
     for cap, method in Capabilities.METHODS.items():
+        if task == "classification" and cap == "no_weight_decay":
+            continue  # required below
         has = callable(getattr(net, method, None))
         if getattr(caps, cap) and not has:
             problems.append(f"declares {cap} but has no {method}()")

@@ -17,26 +17,13 @@ from torch import nn
 
 from .errors import ZooError
 from .registry import create_model, get_spec
+from .spec import example_input, stored_input
 
 FORMATS = ("safetensors", "onnx", "torchscript")
 
 
 class ExportError(ZooError, RuntimeError):
     pass
-
-
-def example_input(name: str, model_kwargs: dict, data_info: dict, batch: int = 2, bag: int = 7) -> torch.Tensor:
-    """A random input the net accepts: its training image size and channels, or a feature bag."""
-    spec = get_spec(name)
-    if spec.task == "mil":
-        if "in_dim" in model_kwargs:
-            return torch.randn(batch, bag, int(model_kwargs["in_dim"]))
-        size = int(data_info.get("img_size") or spec.input_size[-1])
-        chans = int(model_kwargs.get("in_chans") or spec.input_size[0])
-        return torch.randn(batch, bag, chans, size, size)
-    size = int(data_info.get("img_size") or spec.input_size[-1])
-    chans = int(model_kwargs.get("in_chans") or spec.input_size[0])
-    return torch.randn(batch, chans, size, size)
 
 
 def _compare(what: str, ours: torch.Tensor, theirs: torch.Tensor, atol: float, rtol: float) -> float:
@@ -65,7 +52,9 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, *, atol: float = 1e-4, r
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    x = example_input(name, kwargs, data_info)
+    spec = get_spec(name)
+    x = example_input(spec, stored_input(hp), batch_size=2, bag_size=7, in_dim=kwargs.get("in_dim"),
+                      bag_images="in_dim" not in kwargs)
     with torch.no_grad():
         ref = net(x)
     if fmt == "safetensors":

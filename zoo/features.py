@@ -66,9 +66,7 @@ def build_backbone(name: str, pretrained: bool = False, pretrained_file: str | N
     if spec.task != "classification":
         raise ZooError(f"{name} is a {spec.task} model; feature extraction needs a classification backbone")
     net = create_model(name, pretrained=pretrained, pretrained_file=pretrained_file)
-    if not hasattr(net, "reset_classifier"):
-        raise ZooError(f"{name} has no reset_classifier(); use a timm-style backbone or timm:NAME")
-    net.reset_classifier(0)
+    net.reset_classifier(0)  # the classification contract: pooled pre-logits features
     return net, spec.mean, spec.std, spec.input_size[-1]
 
 

@@ -10,13 +10,15 @@ import torch
 from torch import nn
 
 from .errors import TaskMismatchError, WeightsError
-from .registry import create_model, get_spec
+from .registry import constructor_kwargs, create_model, get_spec
+from .spec import RunInput, resolve_run_input
 from .tasks import TASKS, ZooTask
 from .weights import extract_state_dict, load_into, safe_load
 
 
-def prepare_data(dm: Any, model_name: str, img_size: int | None = None, mean=None, std=None) -> None:
-    """Check the model fits the data (task, input size), fill image size / mean / std from the spec, set up."""
+def prepare_data(dm: Any, model_name: str, stored: dict | None = None, log: Any = None) -> RunInput:
+    """Check the model fits the data (task, input size), resolve the run's input once (user / data
+    config > a checkpoint's ``stored`` input > model spec > dataset default), give it to ``dm``, set up."""
     spec = get_spec(model_name)
     if spec.task != dm.task:
         raise TaskMismatchError(
@@ -24,25 +26,39 @@ def prepare_data(dm: Any, model_name: str, img_size: int | None = None, mean=Non
             f"is a {dm.task} dataset. Pick a {dm.task} model (`python -m zoo list --task {dm.task}`) "
             f"or {spec.task} data."
         )
-    if img_size is not None and getattr(dm, "img_size", None) is None:
-        dm.img_size = img_size
-    if mean is not None and getattr(dm, "mean", None) is None:
-        dm.mean, dm.std = list(mean), list(std)
-    dm.configure_for_model(spec.input_size, spec.mean, spec.std)
+    run = resolve_run_input(spec, dm.given_input(), dm.dataset_defaults, stored, log)
+    dm.configure_input(run)
     if spec.task != "mil":
-        spec.check_input_size(dm.img_size)
+        size = dm.img_size
+        spec.built_for(img_size=size if spec.fixed_input_size else None).check_input_size(size)
     dm.setup("fit")
+    return run
+
+
+def net_input_kwargs(model_name: str, dm: Any) -> dict:
+    """The constructor arguments that make the net fit the run's input: channels, and the image size for
+    nets whose position embeddings are built for one (fixed-size ViTs resize them, from weights too)."""
+    spec = get_spec(model_name)
+    kwargs = dict(dm.model_kwargs())
+    size = getattr(dm, "img_size", None) if spec.task != "mil" else None
+    if size is not None and spec.input_size and size != spec.input_size[-1] and "img_size" in constructor_kwargs(model_name):
+        kwargs["img_size"] = int(size)
+    return kwargs
 
 
 def data_info(dm: Any) -> dict:
     """What a checkpoint must remember of the data to preprocess the same way later."""
     spacing = (getattr(dm, "hparams", None) or {}).get("spacing")  # segmentation: pixel size for distances
     inference = getattr(dm, "inference", None)  # segmentation: whole-image or sliding-window evaluation
+    run = getattr(dm, "run_input", None)
     return ({"spacing": spacing} if spacing is not None else {}) | ({"inference": inference} if inference else {}) | {
         "dataset": getattr(dm, "dataset", None) or dm.hparams.get("dataset"),
         "img_size": getattr(dm, "img_size", None),
+        "in_chans": getattr(dm, "in_chans", None),
         "mean": list(dm.mean) if getattr(dm, "mean", None) is not None else None,
         "std": list(dm.std) if getattr(dm, "std", None) is not None else None,
+        "interpolation": run.interpolation if run is not None else None,
+        "crop_pct": run.crop_pct if run is not None else None,
         "class_names": list(dm.class_names),
     }
 
@@ -55,7 +71,7 @@ def init_from_checkpoint(net: nn.Module, path: str) -> list[str]:
 def build_task(model_cfg: dict, dm: Any, optim: dict | None = None, init_from: str | None = None) -> ZooTask:
     """Create the net the config names, sized for ``dm``, and wrap it in its task's LightningModule."""
     name = model_cfg["name"]
-    kwargs = {**dict(model_cfg.get("kwargs") or {}), **dm.model_kwargs()}
+    kwargs = {**dict(model_cfg.get("kwargs") or {}), **net_input_kwargs(name, dm)}
     net = create_model(
         name,
         pretrained=bool(model_cfg.get("pretrained", False)),

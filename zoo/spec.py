@@ -266,3 +266,29 @@ def fit_channels(values: Sequence[float], channels: int) -> tuple[float, ...]:
     if channels == 1:
         return (sum(values) / len(values),)
     raise ValueError(f"cannot use {len(values)} per-channel values for {channels} channels")
+
+
+def stored_input(hparams: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's stored run input (its ``data_info`` + the channel count its net was built with)."""
+    info = dict(hparams.get("data_info") or {})
+    model = hparams.get("model") if isinstance(hparams.get("model"), dict) else {}
+    kwargs = dict(model.get("kwargs") or {})
+    if info.get("in_chans") is None and kwargs.get("in_chans") is not None:  # checkpoints before in_chans was stored
+        info["in_chans"] = kwargs["in_chans"]
+    return {k: info.get(k) for k in RunInput.KEYS if info.get(k) is not None}
+
+
+def example_input(spec: ModelSpec, run_input: RunInput | dict | None = None, *, batch_size: int = 1,
+                  img_size: int | None = None, bag_size: int = 8, in_dim: int | None = None,
+                  bag_images: bool = False) -> torch.Tensor:
+    """A random input the net built from ``spec`` (for ``run_input``) accepts: ``[B, C, H, W]``; MIL: a
+    feature bag ``[B, N, in_dim]``, or with ``bag_images`` an image bag ``[B, N, C, H, W]``."""
+    given = run_input.as_dict() if isinstance(run_input, RunInput) else dict(run_input or {})
+    default_c, default_side = (spec.input_size[0], spec.input_size[-1]) if spec.input_size else (3, 32)
+    side = int(img_size or given.get("img_size") or default_side)
+    chans = int(given.get("in_chans") or default_c)
+    if spec.task == "mil" and (not bag_images or len(spec.input_size) != 3):
+        return torch.randn(batch_size, bag_size, int(in_dim or 64))
+    if spec.task == "mil":
+        return torch.randn(batch_size, bag_size, chans, side, side)
+    return torch.randn(batch_size, chans, side, side)

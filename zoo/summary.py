@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .registry import ModelSpec
+from .registry import ModelSpec  # noqa: F401
+from .spec import example_input  # noqa: F401  (re-exported: one example input for info, export, bench)
 
 __all__ = ["LayerRow", "summarize", "example_input", "render_tree", "format_shape", "format_count"]
 
@@ -45,22 +46,6 @@ def _shape_of(out: Any) -> Any:
     if isinstance(out, dict):
         return {k: _shape_of(v) for k, v in out.items()}
     return type(out).__name__
-
-
-def example_input(spec: ModelSpec, img_size: int | None = None, batch_size: int = 1,
-                  bag_size: int = 8, in_dim: int = 64, bag_images: bool = False) -> torch.Tensor:
-    """A random input at the spec's default size: ``[B, C, H, W]``; MIL: a feature bag
-    ``[B, N, in_dim]`` (build the net with ``in_dim=in_dim``), or with ``bag_images`` an image bag
-    ``[B, N, C, H, W]`` at the spec's instance size."""
-    if spec.task == "mil":
-        if bag_images and len(spec.input_size) == 3:
-            c, h, w = spec.input_size
-            h, w = (img_size, img_size) if img_size else (h, w)
-            return torch.randn(batch_size, bag_size, c, h, w)
-        return torch.randn(batch_size, bag_size, in_dim)
-    c, h, w = spec.input_size
-    h, w = (img_size, img_size) if img_size else (h, w)
-    return torch.randn(batch_size, c, h, w)
 
 
 def summarize(model: nn.Module, x: torch.Tensor | tuple, depth: int = 2, fold: bool = True) -> list[LayerRow]:

@@ -58,6 +58,8 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
     """Load ``state_dict`` into ``model``; entries whose shapes differ (a new classifier) are skipped
     and returned. Any other missing or unexpected key is an error naming the keys."""
     own = model.state_dict()
+    state_dict = {k: _fit_pos_embed(v, own[k]) if k in own and k.endswith("pos_embed") else v
+                  for k, v in state_dict.items()}
     skipped = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
     state_dict = {k: v for k, v in state_dict.items() if k not in skipped}
     result = model.load_state_dict(state_dict, strict=False)
@@ -69,6 +71,21 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
             f"{'...' if len(result.unexpected_keys) > 8 else ''}"
         )
     return skipped  # those keep the model's fresh initialisation
+
+
+def _fit_pos_embed(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A learned ``[1, prefix + h*w, D]`` position embedding resized (bicubic, timm's resampling) to the
+    target's square grid: weights trained at 224 px load into a net built for 448 px."""
+    if value.shape == target.shape or value.ndim != 3 or target.ndim != 3 or value.shape[-1] != target.shape[-1]:
+        return value
+    from timm.layers import resample_abs_pos_embed
+
+    for prefix in (0, 1, 2):
+        old, new = value.shape[1] - prefix, target.shape[1] - prefix
+        if old > 0 and new > 0 and round(old ** 0.5) ** 2 == old and round(new ** 0.5) ** 2 == new:
+            side = round(new ** 0.5)
+            return resample_abs_pos_embed(value, new_size=[side, side], num_prefix_tokens=prefix)
+    return value
 
 
 def download_weights(url: str) -> Path:

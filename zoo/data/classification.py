@@ -44,7 +44,8 @@ class ClassificationDataModule(ZooDataModule):
     ``resize_ratio``: resize the short side to ``round(img_size * resize_ratio)``, then crop ``img_size``
     (random crop + flip in training, centre crop otherwise): the FGVC pipeline (resize 550, crop 448) is
     ``img_size=448, resize_ratio=1.2277`` and follows ``img_size`` when it is overridden. Without it,
-    training uses RandomResizedCrop and evaluation the usual 0.875 centre crop.
+    training uses RandomResizedCrop and evaluation a centre crop of the run's ``crop_pct`` with its
+    ``interpolation`` (the model spec's, i.e. its weights' preprocessing, unless the data config sets them).
 
     ``timm_aug``: keyword arguments of ``timm.data.create_transform`` for the training images of file
     datasets (the DeiT recipe: ``auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25,
@@ -72,7 +73,9 @@ class ClassificationDataModule(ZooDataModule):
         img_size: int | None = None,
         mean: list | None = None,
         std: list | None = None,
-        in_chans: int = 3,
+        in_chans: int | None = None,
+        interpolation: str | None = None,
+        crop_pct: float | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
@@ -88,7 +91,7 @@ class ClassificationDataModule(ZooDataModule):
         super().__init__()
         self.save_hyperparameters()
         self._check_dataset()
-        if in_chans not in (1, 3):
+        if in_chans not in (None, 1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
 
     # ------------------------------------------------------------------ classes
@@ -148,8 +151,9 @@ class ClassificationDataModule(ZooDataModule):
             geo = [v2.Resize(r, antialias=True), crop, *flip]
         elif train and self.hparams.augment:
             geo = [v2.RandomResizedCrop(s, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip()]
-        else:  # the usual 0.875 centre crop
-            geo = [v2.Resize(int(s / 0.875), antialias=True), v2.CenterCrop(s)]
+        else:  # the model's centre crop (its pretrained_cfg crop_pct and interpolation)
+            mode = v2.InterpolationMode(self.interpolation)
+            geo = [v2.Resize(int(s / self.crop_pct), interpolation=mode, antialias=True), v2.CenterCrop(s)]
         return v2.Compose([v2.ToImage(), *geo, *self._to_float()])
 
     def _cifar_transforms(self, train: bool) -> v2.Compose:

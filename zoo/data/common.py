@@ -139,8 +139,24 @@ class ZooDataModule(L.LightningDataModule):
         std = self._resolve("std")
         return None if std is None else fit_channels(std, self.in_chans or 3)
 
+    def given_input(self) -> dict[str, Any]:
+        """The input values the user / data config set explicitly (None = not given)."""
+        return {k: self.hparams.get(k) for k in ("img_size", "in_chans", "mean", "std", "interpolation", "crop_pct")}
+
+    @property
+    def dataset_defaults(self) -> dict[str, Any]:
+        return dict(self._defaults)
+
+    def configure_input(self, run_input: Any) -> "ZooDataModule":
+        """Take the run's resolved input (:class:`zoo.spec.RunInput`: size, channels, mean/std,
+        interpolation, crop); explicit hparams still win, so a value resolved elsewhere never hides one."""
+        self._from_model = {k: v for k, v in run_input.as_dict().items() if v is not None}
+        self.run_input = run_input
+        return self
+
     def configure_for_model(self, input_size=None, mean=None, std=None) -> "ZooDataModule":
-        """Take the model's expected input size and normalisation where the user gave none."""
+        """Take a model's default input size and normalisation where the user gave none (for a
+        datamodule used without the runner; the runner calls :meth:`configure_input`)."""
         if input_size is not None:
             self._from_model["img_size"] = int(input_size[-1])
         if mean is not None:
@@ -148,6 +164,15 @@ class ZooDataModule(L.LightningDataModule):
         if std is not None:
             self._from_model["std"] = tuple(float(s) for s in std)
         return self
+
+    @property
+    def interpolation(self) -> str:
+        return self._resolve("interpolation") or "bicubic"
+
+    @property
+    def crop_pct(self) -> float:
+        value = self._resolve("crop_pct")
+        return 0.875 if value is None else float(value)
 
     # ---- classes: cheap to discover, so valid before setup as well ----
     @property
@@ -170,7 +195,7 @@ class ZooDataModule(L.LightningDataModule):
     # ---- datasets ----
     def setup(self, stage: str | None = None) -> None:
         # Idempotent; rebuilds only if configure_for_model changed what the data depends on.
-        key = (self.img_size, self.mean, self.std, self.in_chans)
+        key = (self.img_size, self.mean, self.std, self.in_chans, self.interpolation, self.crop_pct)
         if self._built_key == key:
             return
         self._build()

@@ -37,10 +37,10 @@ class SegmentationDataModule(ZooDataModule):
 
     task = "segmentation"
     DATASETS = {
-        "shapes": dict(img_size=SHAPES_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-        "segfolder": dict(img_size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-        "ade20k": dict(img_size=512, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-        "pet_trimaps": dict(img_size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        "shapes": dict(img_size=SHAPES_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD, in_chans=3),
+        "segfolder": dict(img_size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD, in_chans=3),
+        "ade20k": dict(img_size=512, mean=IMAGENET_MEAN, std=IMAGENET_STD, in_chans=3),
+        "pet_trimaps": dict(img_size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD, in_chans=3),
     }
 
     def __init__(
@@ -51,7 +51,9 @@ class SegmentationDataModule(ZooDataModule):
         img_size: int | None = None,
         mean: list | None = None,
         std: list | None = None,
-        in_chans: int = 3,
+        in_chans: int | None = None,
+        interpolation: str | None = None,
+        crop_pct: float | None = None,
         batch_size: int = 16,
         num_workers: int = 0,
         seed: int = 0,
@@ -87,7 +89,7 @@ class SegmentationDataModule(ZooDataModule):
         self.save_hyperparameters()
         self._check_dataset()
         self._scenes = None  # (key, drawn shapes): drawing once serves every img_size
-        if in_chans not in (1, 3):
+        if in_chans not in (None, 1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
         if dataset == "segfolder" and num_classes is None:
             raise ValueError("dataset=segfolder needs num_classes (mask values 0..num_classes-1, 255 = ignore)")

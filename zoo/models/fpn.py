@@ -122,9 +122,9 @@ class FPNSegmenter(ZooModel, nn.Module):
         self.encoder.requires_grad_(False)
 
 
-def _fpn(backbone: str, pretrained: bool, **kwargs) -> FPNSegmenter:
+def _fpn(backbone: str, pretrained: bool, /, **kwargs) -> FPNSegmenter:
     """The variant's ``backbone`` unless the caller names one (``backbone=`` or ``encoder=``)."""
-    kwargs.setdefault("backbone", kwargs.pop("encoder", None) or backbone)
+    kwargs["backbone"] = kwargs.pop("encoder", None) or kwargs.get("backbone") or backbone
     return FPNSegmenter(pretrained_encoder=pretrained, **kwargs)
 
 

@@ -401,9 +401,9 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- variants
-def _create(backbone: str, pretrained: bool, **kwargs) -> MSGuidedSegmenter:
+def _create(backbone: str, pretrained: bool, /, **kwargs) -> MSGuidedSegmenter:
     """The variant's ``backbone`` unless the caller names one (``backbone=`` or ``encoder=``)."""
-    kwargs.setdefault("backbone", kwargs.pop("encoder", None) or backbone)
+    kwargs["backbone"] = kwargs.pop("encoder", None) or kwargs.get("backbone") or backbone
     return MSGuidedSegmenter(pretrained_encoder=pretrained, **kwargs)
 
 

@@ -1,7 +1,8 @@
 """What the three task modules share: building the net, the optimizer, the schedule, the step logic.
 
-Tasks know nothing of a particular architecture: a net with its own objective defines
-``forward_train(x, y, **kw) -> (logits, {name: loss})`` and the task sums and logs those losses.
+Tasks know nothing of a particular architecture; they call the model contract (:mod:`zoo.contract`): a
+net that declares ``own_objective`` has ``forward_train(x, y, **kw) -> (logits, {name: loss})`` and the
+task sums and logs those losses.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
+from ..contract import capabilities, no_weight_decay
 from ..registry import create_model
 
 DEFAULT_OPTIM = dict(
@@ -28,13 +30,15 @@ def build_net(model: dict, num_classes: int) -> nn.Module:
     return create_model(model["name"], num_classes=num_classes, **dict(model.get("kwargs") or {}))
 
 
-def freeze_backbone_of(net: nn.Module) -> None:
-    """Freeze all but the head: the net's own ``freeze_backbone()`` if it has one, else keep ``get_classifier()``."""
-    if hasattr(net, "freeze_backbone"):
+def freeze_backbone_of(net: nn.Module, task: str) -> None:
+    """Freeze all but the head: the net's own ``freeze_backbone()`` where it declares trainable groups,
+    else every parameter but the classifier's (``get_classifier()``, part of the classification contract)."""
+    if capabilities(net).trainable_groups:
         net.freeze_backbone()
         return
-    if not hasattr(net, "get_classifier"):
-        raise ValueError(f"{type(net).__name__} has neither freeze_backbone() nor get_classifier(); cannot freeze it")
+    if task != "classification":
+        raise ValueError(f"{type(net).__name__} declares no trainable groups (freeze_backbone); only classification "
+                         "nets can freeze all but their classifier")
     net.requires_grad_(False)
     net.get_classifier().requires_grad_(True)
 
@@ -69,7 +73,7 @@ class ZooTask(L.LightningModule):
         self.optim = {**DEFAULT_OPTIM, **(optim or {})}
         self.net = net if net is not None else build_net(model, num_classes)
         if freeze_backbone:
-            freeze_backbone_of(self.net)
+            freeze_backbone_of(self.net, self.task)
         self.num_classes = num_classes
         self.class_names = list((data_info or {}).get("class_names") or [str(i) for i in range(num_classes)])
         self.metrics = nn.ModuleDict({s: self.make_metrics() for s in ("val", "test")})
@@ -104,7 +108,7 @@ class ZooTask(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, kw = self.unpack(batch)
         x, y = self.mix(x, y)
-        if hasattr(self.net, "forward_train"):
+        if capabilities(self.net).own_objective:
             logits, losses = self.net.forward_train(x, y, **kw)
         else:
             logits = self.net(x, **kw)
@@ -148,7 +152,7 @@ class ZooTask(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         o = self.optim
-        no_decay = getattr(self.net, "no_weight_decay", lambda: set())()
+        no_decay = no_weight_decay(self.net, self.task)
         groups = param_groups_weight_decay(self.net, o["weight_decay"], no_weight_decay_list=no_decay)
         name = o["name"].lower()
         if name == "adamw":

@@ -7,14 +7,15 @@ from timm.loss import SoftTargetCrossEntropy
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from ..contract import capabilities
 from .base import ZooTask
 
 
 class ClassificationTask(ZooTask):
     """``optim.mixup_alpha`` / ``optim.cutmix_alpha`` > 0 turn on timm's Mixup (DeiT recipe: 0.8 / 1.0):
     targets become soft (label smoothing folded in) and the loss is soft-target cross-entropy. An odd
-    batch loses its last sample (Mixup pairs samples). Models with their own ``forward_train`` receive
-    the soft targets only when they declare ``accepts_soft_targets = True``."""
+    batch loses its last sample (Mixup pairs samples). Models with their own objective receive the soft
+    targets only when they declare the ``soft_targets`` capability."""
 
     task = "classification"
     monitor = "val/acc"
@@ -25,7 +26,8 @@ class ClassificationTask(ZooTask):
         o = self.optim
         self.mixup = None
         if float(o["mixup_alpha"]) > 0 or float(o["cutmix_alpha"]) > 0:
-            if hasattr(self.net, "forward_train") and not getattr(self.net, "accepts_soft_targets", False):
+            caps = capabilities(self.net)
+            if caps.own_objective and not caps.soft_targets:
                 raise ValueError(
                     f"{type(self.net).__name__} trains with its own forward_train(x, y) on hard labels; "
                     "set optim.mixup_alpha=0 optim.cutmix_alpha=0 for it"
