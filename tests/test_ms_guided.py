@@ -291,3 +291,47 @@ def test_msguided_tiny_shapes_experiment_end_to_end(compose_cfg, tmp_path):
     for k in ("test/miou", "test/dice", "test/vs", "test/hd95", "test/msd", "test/dice_circle"):
         assert k in metrics, k
     assert Path(cfg.paths.output_dir, "metrics.json").is_file()
+
+
+# ============================================================================ backbones and contract
+def test_contract(tiny):
+    from zoo.contract import ZooModel, capabilities, contract_violations
+
+    assert isinstance(tiny, ZooModel) and contract_violations(tiny, "segmentation") == []
+    assert capabilities(tiny).declared() == ["own_objective", "attention_maps", "trainable_groups", "bench_extras"]
+
+
+def test_default_backbone_is_timms_features_only_net(tiny):
+    import timm
+
+    ref = timm.create_model("resnet10t", features_only=True, out_indices=(1, 2, 3, 4))
+    assert type(tiny.encoder) is type(ref)  # same keys: timm weights and official checkpoints map as before
+    assert list(tiny.encoder.state_dict()) == list(ref.state_dict())
+    alias = zoo.get_spec("msguided_tiny").builder(encoder="resnet18")  # the older argument name
+    assert alias.encoder.feature_info.channels() == [64, 128, 256, 512]
+
+
+@pytest.mark.parametrize("backbone,scales", [("biformer_nano", 4), ("halonet_tiny", 3)])
+def test_zoo_backbone_builds_trains_and_explains(backbone, scales):
+    from timm.models._features import FeatureGetterNet
+
+    torch.manual_seed(0)
+    # the builder, as create_model calls it (create_model keeps out_indices for its own features_only)
+    net = zoo.get_spec("msguided_tiny").builder(num_classes=3, backbone=backbone, out_indices=None)
+    assert isinstance(net.encoder, FeatureGetterNet) and len(net.down) == scales
+    assert len(net.head) == len(net.head_refined) == len(net.guide[0]) == scales
+    x = torch.randn(2, 3, 64, 64)
+    y = torch.randint(0, 3, (2, 64, 64))
+    logits, losses = net.train().forward_train(x, y)
+    assert logits.shape == (2, 3, 64, 64) and set(losses) == {"ce_initial", "ce_refined", "guidance", "recon"}
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert all(p.grad is not None for p in net.head_refined.parameters())
+    net.eval()
+    with torch.no_grad():
+        assert net(x).shape == (2, 3, 64, 64)
+    maps = net.attention_maps(x)
+    side = 64 // net.encoder.feature_info.reduction()[0]
+    assert sorted(maps) == sorted(f"scale{s}_{k}" for s in range(1, scales + 1) for k in ("pam", "cam"))
+    assert all(m.shape == (2, 2, side, side) for m in maps.values())
+    assert net.bench_extras(64)["pam_matrices_mb_per_sample"] == round(2 * scales * side**4 * 4 / 2**20, 1)
