@@ -38,3 +38,17 @@ def compose_cfg(tmp_path):
         return compose(config_name, overrides or [], out_dir or tmp_path / "run")
 
     return _compose
+
+
+def count_saved_tensors(fn) -> tuple[int, object]:
+    """How many tensors autograd saves for backward while ``fn()`` runs (and its result): gradient
+    checkpointing must make this smaller."""
+    saved: list = []
+
+    def pack(t):
+        saved.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return len(saved), out

@@ -513,7 +513,7 @@ def _biformer(pretrained: bool, **kwargs) -> BiFormer:
 
 # the official DeiT pipeline: ImageNet mean/std, bicubic, resize 256 -> crop 224 (crop_pct 0.875)
 _SPEC = dict(task="classification", paper=PAPER, paper_ids=("arXiv:2303.08810",), license="mit", source=SOURCE,
-             checkpoint_filter=checkpoint_filter, min_size=32, first_conv="downsample_layers.0.0")
+             checkpoint_filter=checkpoint_filter, min_size=32, first_conv="stem.0")
 _OFFICIAL = Weights(official_file=".pth", note="the official download links are dead")
 
 
@@ -538,13 +538,15 @@ def biformer_base(pretrained: bool = False, **kwargs) -> BiFormer:
 NANO = dict(depths=(1, 2, 2, 1), embed_dims=(32, 64, 128, 256), n_win=4, topks=(2, 4, 8, -2))
 
 
-@register_model(input_size=(3, 64, 64), **{**_SPEC, "min_size": 8, "source": SOURCE + "; nano config: zoo"})
+@register_model(input_size=(3, 64, 64), weights=Weights(note="CPU variant: train it"),
+                **{**_SPEC, "min_size": 8, "source": SOURCE + "; nano config: zoo"})
 def biformer_nano(pretrained: bool = False, **kwargs) -> BiFormer:
     """CPU-sized BiFormer for 32-64 px: 4x4 regions, top-(2, 4, 8) routing, global attention in stage 4."""
     return _biformer(pretrained, **{**NANO, **kwargs})
 
 
 @register_model(task="segmentation", input_size=(3, 64, 64), min_size=8, paper=PAPER, checkpoint_filter=checkpoint_filter,
+                paper_ids=("arXiv:2303.08810",), license="mit",
                 source=SOURCE + "; semantic-FPN decoder from zoo/models/fpn.py", weights=Weights(note="CPU variant: train it"))
 def biformer_fpn_nano(pretrained: bool = False, **kwargs) -> BiFormerFPN:
     kwargs["encoder"] = {**NANO, **(kwargs.get("encoder") or {})}
@@ -552,6 +554,7 @@ def biformer_fpn_nano(pretrained: bool = False, **kwargs) -> BiFormerFPN:
 
 
 @register_model(task="segmentation", input_size=(3, 512, 512), min_size=32, paper=PAPER, checkpoint_filter=checkpoint_filter,
+                paper_ids=("arXiv:2303.08810",), license="mit",
                 source=SOURCE + " (semantic_segmentation/configs/ade20k/sfpn.biformer_small.py); mmseg Semantic FPN",
                 weights=Weights(note="an ImageNet BiFormer-S encoder file (`pretrained_file=`)"),
                 reference=Reference(metrics=(Metric("miou", 48.9, "ade20k (80k iters)", 512),)))

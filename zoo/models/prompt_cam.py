@@ -460,7 +460,7 @@ def _create(pretrained: bool, timm_name: str | None, vit_kwargs: dict, **kwargs:
 
 # the official transforms: Inception mean/std for every backbone, test images resized to 224x224 (no crop)
 _SPEC = dict(task="classification", paper=PAPER, paper_ids=("arXiv:2501.09333",), license="mit", fixed_input_size=True,
-             mean=INCEPTION_MEAN, std=INCEPTION_STD, interpolation="bilinear", crop_pct=1.0, first_conv="patch_embed.proj",
+             mean=INCEPTION_MEAN, std=INCEPTION_STD, interpolation="bilinear", crop_pct=1.0, first_conv="backbone.patch_embed.proj",
              checkpoint_filter=checkpoint_filter_fn)
 _SRC = "zoo (timm ViT) + Imageomics/Prompt_CAM"
 

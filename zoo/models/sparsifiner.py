@@ -740,7 +740,7 @@ _LVVIT_NOTE = ("LV-ViT-S backbone: 26.15M params, 83.3 top-1 (TokenLabeling READ
 @register_model(input_size=(3, 224, 224),
                 source="zoo (timm ViT blocks) + lim142857/Sparsifiner src/models/sparsifiner_lvvit.py; backbone LV-ViT-S (zihangJiang/TokenLabeling)",
                 weights=Weights(url=LVVIT_S_URL, official_file="checkpoint"), reference=Reference(note=_LVVIT_NOTE),
-                **{**_SPEC, "first_conv": "patch_embed.conv.0"})
+                **{**_SPEC, "first_conv": "patch_embed.conv1", "classifier": ("head", "aux_head")})
 def sparsifiner_lvvit_small(pretrained: bool = False, **kwargs: Any) -> Sparsifiner:
     """Sparsifiner on LV-ViT-S, as the official ``sparsifiner_lvvit``: 384-d, 16 layers, 6 heads, MLP ratio 3, no
     qkv bias, the 4-layer conv patch embedding (``p_emb="4_2"``), residual branches divided by ``skip_lam=2``,
