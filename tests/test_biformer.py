@@ -11,6 +11,7 @@ from timm.models._manipulate import group_parameters
 import zoo
 from zoo.contract import contract_violations
 from zoo.models.biformer import BiLevelRoutingAttention, checkpoint_filter
+from conftest import count_saved_tensors
 
 
 # ---------------------------------------------------------------------------------------- reference
@@ -281,11 +282,9 @@ def test_no_weight_decay_and_group_matcher():
 
 def _run(net, x, seed):
     torch.manual_seed(seed)  # drop path draws the same masks
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = net(x)
+    saved, out = count_saved_tensors(lambda: net(x))
     out.square().mean().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}, len(saved)
+    return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}, saved
 
 
 def test_grad_checkpointing_same_outputs_and_grads_fewer_saved_tensors():

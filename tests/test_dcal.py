@@ -9,6 +9,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import zoo
 from zoo.models.dcal import _bar, rollout_cls_row
+from conftest import count_saved_tensors
 
 
 def nano(**kw):
@@ -279,15 +280,8 @@ def test_no_weight_decay_and_group_matcher_cover_every_parameter():
 
 
 def _saved_tensors(fn):
-    count = [0]
-
-    def pack(t):
-        count[0] += 1
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, count[0]
+    n, out = count_saved_tensors(fn)
+    return out, n
 
 
 @pytest.mark.parametrize("kw", [{}, dict(glca=False, pwca=False)])

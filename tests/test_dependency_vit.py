@@ -5,6 +5,7 @@ import torch
 
 import zoo
 from zoo.models.dependency_vit import DependencyViT, ReversedAttention, parents_from_mask, prune_tokens
+from conftest import count_saved_tensors
 
 
 @pytest.fixture(scope="module")
@@ -228,16 +229,8 @@ def test_no_weight_decay_and_group_matcher():
             assert len(groups) >= len(net.blocks)
 
 
-def _saved_tensors(net, x) -> int:
-    count = [0]
-
-    def pack(t):
-        count[0] += 1
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = net(x)
-    return count[0], out
+def _saved_tensors(net, x) -> tuple[int, torch.Tensor]:
+    return count_saved_tensors(lambda: net(x))
 
 
 @pytest.mark.parametrize("name", NAMES)

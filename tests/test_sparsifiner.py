@@ -11,6 +11,7 @@ from zoo.bench import _count_gmacs
 from zoo.layers.sparse_attention import (csr_attention, gather_attention, masked_dense_attention, spmm,
                                          topk_indices_nonneg, topk_nonneg)
 from zoo.models.sparsifiner import mhsa_macs
+from conftest import count_saved_tensors
 
 NANO = dict(num_classes=10)
 
@@ -357,15 +358,8 @@ def test_no_weight_decay_and_group_matcher_cover_every_parameter(arch):
 
 
 def _saved_count(fn):
-    n = [0]
-
-    def pack(t):
-        n[0] += 1
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, n[0]
+    n, out = count_saved_tensors(fn)
+    return out, n
 
 
 @pytest.mark.parametrize("phase,prune,arch", [("backbone", (), "deit"), ("backbone", (1, 2), "deit"),

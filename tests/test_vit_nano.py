@@ -17,6 +17,7 @@ import zoo
 from zoo.contract import ZooModel, capabilities, contract_violations
 from zoo.layers.pos_embed import init_sincos_pos_embed_
 from zoo.models.vit import NANO_ARCH, ZooVisionTransformer
+from conftest import count_saved_tensors
 
 CFG_SET_BY_CREATE_MODEL = {"lacks timm's pretrained_cfg", "lacks timm's default_cfg"}  # the lead's create_model
 
@@ -44,17 +45,7 @@ def check_group_matcher(net: torch.nn.Module) -> None:
         assert sorted(n for names in groups.values() for n in names) == sorted(params)
 
 
-def saved_tensors(fn) -> tuple[int, torch.Tensor]:
-    """(tensors saved for backward while running ``fn()``, its output)."""
-    count = [0]
-
-    def pack(t):
-        count[0] += 1
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return count[0], out
+saved_tensors = count_saved_tensors  # (tensors saved for backward while running fn(), its output)
 
 
 def check_grad_checkpointing(make_net, x: torch.Tensor, forward=None) -> None:
