@@ -1,4 +1,5 @@
-"""ULSAM: the module's maths, the plug-in, and the parameter / MAC counts of the registered variants."""
+"""ULSAM: the module's maths, the plug-in, the parameter / MAC counts of the registered variants, and the timm
+surface of the nets that reuse a timm class (ULSAM MobileNets, HaloNet's ZooByobNet)."""
 import functools
 import math
 
@@ -8,6 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import zoo
+from conftest import count_saved_tensors
 from zoo.models.ulsam import (ULSAM, AddULSAM, _mobilenet, _mv2_tiny, checkpoint_filter, insert_ulsam,
                               ulsam_attention_maps)
 from zoo.weights import load_into
@@ -71,6 +73,9 @@ def _count(name: str) -> tuple[float, float]:
     return sum(p.numel() for p in net.parameters()) / 1e6, f.get_total_flops() / 2e6
 
 
+# the paper's (rounded) baseline parameters, M, that its variant rows are reductions from
+PAPER_BASE = {"mobilenetv1_100": 4.2, "mobilenetv1_075": 2.6, "mobilenetv1_050": 1.3, "mobilenetv2_100": 3.4}
+
 PAPER_ROWS = {  # name: timm baseline whose count stands for the paper's baseline
     "ulsam_mobilenetv1_100": "mobilenetv1_100", "ulsam_mobilenetv1_100_add": "mobilenetv1_100",
     "ulsam_mobilenetv1_075": "mobilenetv1_075", "ulsam_mobilenetv1_050": "mobilenetv1_050",
@@ -82,14 +87,14 @@ PAPER_ROWS = {  # name: timm baseline whose count stands for the paper's baselin
 
 @pytest.mark.parametrize("name", list(PAPER_ROWS))
 def test_params_and_macs_match_the_paper(name):
-    meta = zoo.get_spec(name).meta
+    ref = zoo.get_spec(name).reference
     params, macs = _count(name)
-    assert abs(macs / (meta["gflops"] * 1e3) - 1) < 0.01, f"{macs:.1f}M MACs vs paper {meta['gflops'] * 1e3}M"
+    assert abs(macs / (ref.gflops * 1e3) - 1) < 0.01, f"{macs:.1f}M MACs vs paper {ref.gflops * 1e3}M"
     # parameters: the paper's reduction from its baseline, applied to timm's baseline
-    target = TIMM_BASE[PAPER_ROWS[name]] - (meta["params_ref_baseline_m"] - meta["params_m"])
+    target = TIMM_BASE[PAPER_ROWS[name]] - (PAPER_BASE[PAPER_ROWS[name]] - ref.params_m)
     if name in ("ulsam_mobilenetv1_075", "ulsam_mobilenetv1_050"):
         # the paper's 0.1M-truncated column (2.6 -> 2.4, 1.3 -> 1.2) is too coarse for 1%: check truncation
-        assert math.floor(params * 10) / 10 == pytest.approx(meta["params_m"]), params
+        assert math.floor(params * 10) / 10 == pytest.approx(ref.params_m), params
     else:
         assert abs(params / target - 1) < 0.01, f"{params:.3f}M params vs {target:.3f}M (paper reduction)"
 
@@ -132,3 +137,110 @@ def test_timm_baselines_are_the_ones_assumed():
                 "mobilenetv2_100": _gen_mobilenet_v2("mobilenetv2_100", 1.0)}
     for k, net in nets.items():
         assert sum(p.numel() for p in net.parameters()) / 1e6 == pytest.approx(TIMM_BASE[k], abs=1e-6), k
+
+
+# ---------------------------------------------------------------------------------------- timm surface
+# ULSAM nets and the HaloNet wrapper (both reuse a timm class) keep timm's model surface with timm's semantics
+SURFACE = [("ulsam_mobilenetv2_tiny", 32), ("ulsam_mobilenetv1_100", 64), ("ulsam_mobilenetv2_100_add", 64),
+           ("halonet_tiny", 32)]
+
+
+@pytest.mark.parametrize("name,size", SURFACE)
+def test_timm_surface_forward_head_classifier_groups(name, size):
+    from timm.models._manipulate import group_parameters
+
+    from zoo.contract import ZooModel, contract_violations
+
+    torch.manual_seed(0)
+    net = zoo.create_model(name, num_classes=7).eval()
+    assert isinstance(net, ZooModel) and contract_violations(net, "classification") == []
+    assert net.zoo_capabilities.attention_maps
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        out = net(x)
+        feats = net.forward_features(x)
+        assert torch.equal(out, net.forward_head(feats))
+        assert net.forward_head(feats, pre_logits=True).shape == (3, net.head_hidden_size)
+        torch.testing.assert_close(net(x[:1]), out[:1], atol=1e-4, rtol=1e-4)  # batch-mates do not matter (rounding)
+        assert net.get_classifier() is net.get_classifier() and net.get_classifier().out_features == 7
+        net.reset_classifier(5)
+        assert net(x).shape == (3, 5)
+        net.reset_classifier(0)
+        assert net(x).shape == (3, net.num_features) and net.head_hidden_size == net.num_features
+        net.reset_classifier(0, global_pool="")
+        unpooled = net(x)
+        assert unpooled.ndim == 4 and unpooled.shape[:2] == (3, net.num_features)
+        torch.testing.assert_close(unpooled, net.forward_features(x))
+    assert isinstance(net.no_weight_decay(), set)
+    groups = group_parameters(net, net.group_matcher())
+    assert sorted(n for g in groups.values() for n in g) == sorted(n for n, _ in net.named_parameters())
+    coarse = group_parameters(net, net.group_matcher(coarse=True))
+    assert sum(len(g) for g in coarse.values()) == len(list(net.parameters()))
+
+
+@pytest.mark.parametrize("name,size", [s for s in SURFACE if not s[0].endswith("_add")])
+def test_timm_surface_grad_checkpointing_is_real(name, size):
+    torch.manual_seed(0)
+    net = zoo.create_model(name, num_classes=7).train()
+    x = torch.randn(2, 3, size, size)
+    for fn in (lambda: net(x), lambda: net.forward_intermediates(x)[1][-1]):
+        results = []
+        for enable in (False, True):
+            net.set_grad_checkpointing(enable)
+            net.zero_grad(set_to_none=True)
+            saved, out = count_saved_tensors(fn)
+            out.square().sum().backward()
+            grads = {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
+            results.append((out.detach(), saved, grads))
+        (ref, saved_ref, g_ref), (ck, saved_ck, g_ck) = results
+        assert saved_ck < saved_ref / 2, (saved_ck, saved_ref)  # the blocks' activations are not kept
+        torch.testing.assert_close(ck, ref, atol=1e-5, rtol=1e-5)
+        assert g_ck.keys() == g_ref.keys() and g_ref
+        for k in g_ref:
+            torch.testing.assert_close(g_ck[k], g_ref[k], atol=1e-5, rtol=1e-4, msg=k)
+    net.set_grad_checkpointing(False)
+
+
+@pytest.mark.parametrize("name,size", SURFACE)
+def test_timm_surface_intermediates_and_features(name, size):
+    from timm.models._features import FeatureGetterNet
+
+    torch.manual_seed(0)
+    net = zoo.create_model(name).eval()
+    x = torch.randn(2, 3, size, size)
+    modules = dict(net.named_modules())
+    assert net.feature_info and all(info["module"] in modules for info in net.feature_info)
+    with torch.no_grad():
+        final, inter = net.forward_intermediates(x)
+        assert torch.equal(final, net.forward_features(x)) and len(inter) == len(net.feature_info)
+        for t, info in zip(inter, net.feature_info):
+            r = info["reduction"]
+            assert t.shape == (2, info["num_chs"], size // r, size // r), (t.shape, info)
+        picked = net.forward_intermediates(x, indices=[0, -1], intermediates_only=True)
+        assert len(picked) == 2 and torch.equal(picked[0], inter[0]) and torch.equal(picked[1], inter[-1])
+        last2 = net.forward_intermediates(x, indices=2, stop_early=True, intermediates_only=True)
+        assert len(last2) == 2 and all(torch.equal(a, b) for a, b in zip(last2, inter[-2:]))
+        # the maps are the ULSAM outputs where a stage ends in one
+        for p in getattr(net, "ulsam_positions", []):
+            stage = p.split(".")[1]
+            i = next((i for i, info in enumerate(net.feature_info) if info["module"] == f"blocks.{stage}"), None)
+            if i is not None and p.split(".")[2] == str(len(net.blocks[int(stage)]) - 1):
+                got = {}
+                h = net.get_submodule(p).register_forward_hook(lambda m, a, o: got.setdefault("o", o))
+                net.forward_intermediates(x, indices=[i], intermediates_only=True)
+                h.remove()
+                assert torch.equal(got["o"], inter[i])
+    twin = zoo.create_model(name).eval()
+    twin.load_state_dict(net.state_dict())
+    getter = FeatureGetterNet(twin, out_indices=(0, 1))  # prunes the later stages and the head
+    assert getter.feature_info.channels() == [i["num_chs"] for i in net.feature_info[:2]]
+    assert getter.feature_info.reduction() == [i["reduction"] for i in net.feature_info[:2]]
+    with torch.no_grad():
+        maps = getter(x)
+    assert len(maps) == 2 and all(torch.equal(a, b) for a, b in zip(maps, inter[:2]))
+    pruned = zoo.create_model(name)
+    n_params = sum(p.numel() for p in pruned.parameters())
+    assert pruned.prune_intermediate_layers(indices=1) == [len(net.feature_info) - 1]
+    assert pruned.prune_intermediate_layers(indices=[0]) == [0]
+    assert sum(p.numel() for p in pruned.parameters()) < n_params
+    assert len(pruned.forward_intermediates(x, indices=[0], intermediates_only=True)) == 1
