@@ -1,5 +1,8 @@
 """Train a zoo model: ``python train.py [model=NAME] [data=NAME] [experiment=NAME] [trainer=gpu] ...``
 
+``model=NAME`` takes every registered name: importing this module stores the ``model`` config group
+from the registry (:mod:`zoo.config_store`; ``configs/model/`` holds only the models whose defaults differ).
+
 Builds the datamodule from ``cfg.data``, the net from the registry (its task must match the data's),
 wraps it in the task's LightningModule, fits, tests the best checkpoint and writes ``metrics.json``.
 """
@@ -19,12 +22,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from zoo.callbacks import AtomicCheckpointIO, reliability_callbacks
+from zoo.config_store import check_model_overrides, register_model_configs
 from zoo.errors import ZooError
 from zoo.runner import build_task, flat_metrics, prepare_data, print_metrics_table, write_metrics
 from zoo.validate import check_run_config
 from zoo.weights import safe_load
 
 log = logging.getLogger("zoo.train")
+
+register_model_configs()  # model=NAME for every registered name, before @hydra.main composes
 
 
 def container(node) -> dict:
@@ -156,5 +162,16 @@ def main(cfg: DictConfig) -> None:
         sys.exit(128 + signal.SIGTERM)
 
 
+def run_cli(hydra_main) -> None:
+    """Run a ``@hydra.main`` entry point; an unknown ``model=NAME`` is refused first with the zoo's
+    one-line error and its close names (Hydra's own lists every option), exit code 2."""
+    try:
+        check_model_overrides(sys.argv[1:])
+    except ZooError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()
+
+
 if __name__ == "__main__":
-    main()
+    run_cli(main)

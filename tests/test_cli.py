@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 class TinyNet(nn.Module):
     def __init__(self, num_classes: int = 5, in_chans: int = 3):
         super().__init__()
+        self.num_classes = num_classes  # create_model puts it into the net's pretrained_cfg
         self.stem = nn.Sequential(nn.Conv2d(in_chans, 8, 3, 2, 1), nn.ReLU())
         self.blocks = nn.Sequential(*[nn.Conv2d(8, 8, 3, 1, 1) for _ in range(4)])
         self.head = nn.Linear(8, num_classes)
@@ -174,3 +175,71 @@ def test_unknown_model_subprocess_exit_code_2():
     assert "Traceback" not in proc.stderr
     assert "unknown model" in proc.stderr and "_test_cli_seg" in proc.stderr  # the close names
     assert proc.stdout == ""
+
+
+# ------------------------------------------------ model names: zoo first, then timm (bench, extract-features, explain)
+def test_model_names_zoo_first_then_timm():
+    import timm
+
+    from zoo.bench import _expand
+    from zoo.validate import resolve_model_name
+
+    assert resolve_model_name("resnet18") == "timm:resnet18"
+    assert resolve_model_name("resnet18.a1_in1k") == "timm:resnet18.a1_in1k"
+    assert resolve_model_name("timm:resnet18") == "timm:resnet18"
+    assert timm.is_model("halonet26t")  # both know it: on the zoo's command line it is the zoo's
+    assert resolve_model_name("halonet26t") == "halonet26t" == _expand(["halonet26t"])[0]
+    assert _expand(["resnet18", "_test_cli_cnn"]) == ["timm:resnet18", "_test_cli_cnn"]
+    assert _expand(["halonet*"]) == zoo.list_models("halonet*")  # a pattern the zoo matches is the zoo's
+    found = _expand(["resnet18*"])  # one only timm's names match
+    assert "timm:resnet18" in found and all(n.startswith("timm:") for n in found)
+    with pytest.raises(zoo.UnknownModelError, match=r"neither a zoo model nor a timm model\. Did you mean: .*resnet18"):
+        resolve_model_name("resnet18x")
+    with pytest.raises(zoo.UnknownModelError, match="Did you mean: .*_test_cli_cnn"):
+        resolve_model_name("_test_cli_cnx")
+
+
+def test_bench_takes_a_timm_name(capsys):
+    rc = main(["bench", "resnet18", "--img-size", "32", "--batch-size", "2", "--iters", "1", "--warmup", "0",
+               "--no-isolate", "--threads", "1", "--json"])
+    (row,) = json.loads(capsys.readouterr().out)
+    assert rc == 0 and row["model"] == "timm:resnet18" and not row.get("error")
+    assert row["params_m"] == pytest.approx(11.690, abs=1e-3)  # timm's resnet18 with its 1000-class head
+    assert main(["bench", "resnet18x", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a zoo model nor a timm model" in err and "resnet18" in err and len(err.strip().splitlines()) == 1
+
+
+def _tiles(root: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder = root / "bag0"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / f"t{i}.png")
+    return root
+
+
+def test_extract_features_takes_a_timm_name(tmp_path, capsys):
+    import torch
+
+    tiles = _tiles(tmp_path / "tiles")
+    feats = {}
+    for model in ("resnet18", "timm:resnet18"):
+        torch.manual_seed(0)  # the same random resnet18 both times
+        out = tmp_path / model.replace(":", "_")
+        assert main(["extract-features", str(tiles), "--out", str(out), "--model", model, "--img-size", "32",
+                     "--batch-size", "2"]) == 0, capsys.readouterr().err
+        feats[model] = torch.load(out / "pt_files" / "bag0.pt", weights_only=True)
+    assert feats["resnet18"].shape == (3, 512)  # timm resnet18's pooled features
+    torch.testing.assert_close(feats["resnet18"], feats["timm:resnet18"])
+    assert main(["extract-features", str(tiles), "--out", str(tmp_path / "x"), "--model", "resnet18x"]) == 2
+    assert "Did you mean" in capsys.readouterr().err
+
+
+def test_explain_refuses_a_timm_name_clearly(tmp_path, capsys):
+    for model in ("resnet18", "timm:resnet18"):
+        assert main(["explain", "--model", model, str(tmp_path / "a.png"), "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "is a timm model" in err and "attention maps" in err

@@ -196,6 +196,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     import zoo
     from .explain import denormalize, load_image, load_net_from_checkpoint, normalize, save_attention_maps
+    from .validate import resolve_model_name
 
     class_names: list[str] = []
     if args.ckpt:
@@ -206,7 +207,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         stored = stored_input(hp)  # the checkpoint's size, channels and mean/std
     else:
         stored = {}
-        name = args.model
+        name = resolve_model_name(args.model)
+        if name.startswith("timm:"):
+            raise ZooError(f"{args.model} is a timm model: `zoo explain` draws the attention maps of zoo models; "
+                           "pick one that has them (`python -m zoo list`)")
         kwargs = _json_kwargs(args.model_kwargs)
         num_classes = args.num_classes if args.num_classes is not None else kwargs.pop("num_classes", None)
         net = zoo.create_model(name, num_classes=num_classes, pretrained_file=args.pretrained_file, **kwargs)
@@ -291,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("bench", help="throughput, parameters, GFLOPs (multiply-adds) and peak memory")
-    s.add_argument("specs", nargs="+", metavar="SPEC", help="zoo name, wildcard ('halonet*') or timm:NAME")
+    s.add_argument("specs", nargs="+", metavar="SPEC",
+                   help="zoo name, wildcard ('halonet*'), timm:NAME, or a name only timm has (resnet18)")
     s.add_argument("--img-size", type=int, default=None, help="default: each model's own input size")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -337,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("extract-features", help="tile folders -> per-bag features (pt_files/, h5_files/) for MIL")
     s.add_argument("tiles_root", metavar="TILES_ROOT", help="one folder of tile images per bag (split folders above allowed)")
     s.add_argument("--out", required=True, help="output folder: writes pt_files/<bag>.pt and h5_files/<bag>.h5")
-    s.add_argument("--model", default="timm:resnet18", help="a zoo classification model or timm:NAME")
+    s.add_argument("--model", default="timm:resnet18",
+                   help="a zoo classification model, or a timm model (timm:NAME, or NAME if the zoo has none)")
     s.add_argument("--pretrained", action="store_true", help="download the backbone's published weights")
     s.add_argument("--pretrained-file", default=None, help="local timm / zoo weights file for the backbone")
     s.add_argument("--img-size", type=int, default=None, help="tile resize (default: the backbone's input size)")

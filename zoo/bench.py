@@ -82,7 +82,8 @@ def _timm_default_size(name: str) -> tuple[int, int, int]:
 
 
 def _expand(specs: list[str]) -> list[str]:
-    """Zoo names, zoo wildcards and ``timm:NAME`` (timm wildcards too) -> concrete names, in order."""
+    """Zoo names, zoo wildcards and ``timm:NAME`` (timm wildcards too) -> concrete names, in order. A name or
+    pattern only timm knows is timm's (``resnet18`` -> ``timm:resnet18``); a registered zoo name is the zoo's."""
     out: list[str] = []
     for s in specs:
         if s.startswith("timm:"):
@@ -104,12 +105,17 @@ def _expand(specs: list[str]) -> list[str]:
                 out.append(s)
         elif _WILDCARD.search(s):
             found = list_models(s)
+            if not found:  # a pattern no zoo name matches: timm's names
+                import timm
+
+                found = [f"timm:{n}" for n in timm.list_models(s)]
             if not found:
-                raise UnknownModelError(f"no zoo model matches {s!r}; `python -m zoo list` shows them all.")
+                raise UnknownModelError(f"no zoo or timm model matches {s!r}; `python -m zoo list` shows the zoo's.")
             out += found
         else:
-            get_spec(s)  # raises UnknownModelError with close names
-            out.append(s)
+            from .validate import resolve_model_name
+
+            out.append(resolve_model_name(s))  # a zoo name; a name only timm has -> timm:NAME; else close names
     return list(dict.fromkeys(out))  # drop duplicates, keep order
 
 
@@ -506,7 +512,8 @@ def benchmark(
 ) -> list[dict[str, Any]]:
     """Benchmark zoo models and ``timm:NAME`` references one after another; one row (dict) per model.
 
-    ``specs``: zoo names, wildcards over zoo names (``"halonet*"``) or ``"timm:NAME"``.
+    ``specs``: zoo names, wildcards over zoo names (``"halonet*"``) or ``"timm:NAME"``; a name (or pattern)
+    only timm knows is timm's, as with ``timm:``.
     ``img_size``: square side; default each model's own input size (checked against its size rules).
     MIL models (task ``"mil"``) get ``batch_size`` bags of ``bag_size`` instances of ``feat_dim``
     features (``in_dim=feat_dim`` is passed to the builder), or with ``bag_images=True`` bags of

@@ -51,7 +51,11 @@ def tile_coords(tiles: list[Path]) -> torch.Tensor | None:
 
 
 def build_backbone(name: str, pretrained: bool = False, pretrained_file: str | None = None):
-    """A zoo classification model or ``timm:NAME``, returning pooled features -> (net, mean, std, size)."""
+    """A zoo classification model, or a timm model (``NAME`` timm has and the zoo does not, or ``timm:NAME``),
+    returning pooled features -> (net, mean, std, size)."""
+    from .validate import resolve_model_name
+
+    name = resolve_model_name(name)
     if name.startswith("timm:"):
         import timm
 

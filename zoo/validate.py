@@ -21,6 +21,8 @@ class ConfigError(ZooError, ValueError):
 
 MODEL_KEYS = {"name": str, "kwargs": dict, "pretrained": bool, "pretrained_file": (str, type(None)),
               "freeze_backbone": bool}
+# a model config's values unless configs/model/NAME.yaml says otherwise (zoo.config_store stores them)
+MODEL_DEFAULTS = {"pretrained": False, "pretrained_file": None, "freeze_backbone": False, "kwargs": {}}
 
 
 def _import(target: str) -> Any:
@@ -145,3 +147,28 @@ def check_run_config(cfg: dict[str, Any], *, training: bool = True) -> None:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ConfigError(f"optim.{key}={value!r} has the wrong type ({type(value).__name__}); "
                                       "it takes a number")
+
+
+def resolve_model_name(name: str) -> str:
+    """A model name given on the zoo's command line: a registered zoo name is the zoo's model; a name only
+    timm has (``resnet18``, ``resnet18.a1_in1k``, ``hf-hub:...``) means ``timm:NAME``; ``timm:NAME`` is
+    returned as given. A name neither knows: one :class:`~zoo.errors.UnknownModelError` with the close
+    names of both. (Zoo names never shadow timm's in timm's own registry: :mod:`zoo.timm_interop`.)"""
+    from .backbones import is_timm_model
+    from .errors import UnknownModelError
+    from .registry import list_models
+
+    if name.startswith("timm:"):
+        return name
+    zoo_names = list_models()
+    if name in zoo_names:
+        return name
+    if is_timm_model(name):
+        return f"timm:{name}"
+    import timm
+
+    known = list(dict.fromkeys(zoo_names + timm.list_models()))
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise UnknownModelError(f"unknown model {name!r}: neither a zoo model nor a timm model.{hint} "
+                            "`python -m zoo list` shows the zoo's models, `timm.list_models()` timm's.")
