@@ -104,4 +104,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from train import run_cli
+
+    run_cli(main)

@@ -24,6 +24,9 @@ def compose(config_name: str, overrides: list[str], out_dir: Path):
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import open_dict
 
+    from zoo.config_store import register_model_configs
+
+    register_model_configs()  # model=NAME for every registered name (train.py does this at import)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=overrides)

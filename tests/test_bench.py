@@ -23,6 +23,7 @@ REQUIRED = ("model", "infer_samples_per_sec", "train_samples_per_sec", "params_m
 class TinyCNN(nn.Module):
     def __init__(self, num_classes: int = 4, in_chans: int = 3):
         super().__init__()
+        self.num_classes = num_classes  # part of the classification contract (timm's attribute)
         self.features = nn.Sequential(nn.Conv2d(in_chans, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),
                                       nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
         self.head = nn.Linear(16, num_classes)

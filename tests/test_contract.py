@@ -280,3 +280,16 @@ def test_declared_capabilities_work(name):
     if caps.trainable_groups:
         net.freeze_backbone()
         assert 0 < sum(p.requires_grad for p in net.parameters()) < len(list(net.parameters()))
+
+
+@pytest.mark.parametrize("segmenter", ["fpn_tiny", "msguided_tiny"])
+@pytest.mark.parametrize("backbone", ["biformer_nano", "halonet_tiny", "dependencyvit_nano"])
+def test_segmenters_take_zoo_backbones(segmenter, backbone):
+    """``backbone=<zoo name>`` works with no other argument: all the backbone's levels, its own weights layout."""
+    net = zoo.create_model(segmenter, num_classes=3, backbone=backbone).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert net(x).shape == (2, 3, 64, 64)
+    assert contract_violations(net, "segmentation") == []
+    own = zoo.create_model(segmenter, num_classes=3, out_indices=(1, 2, 3, 4))  # out_indices reach the variant
+    assert own.encoder.feature_info.reduction() == [4, 8, 16, 32]

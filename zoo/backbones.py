@@ -48,3 +48,14 @@ def create_backbone(name: str, *, out_indices: OutIndices = None, pretrained: bo
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownModelError(f"unknown backbone {name!r}: neither a timm model nor a zoo classification model.{hint} "
                             "`python -m zoo list --task classification` shows the zoo's; `timm.list_models()` timm's.")
+
+
+def variant_backbone(default: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A registered segmenter's keyword arguments with its backbone: ``default`` unless the caller names one
+    (``backbone=``, or the older ``encoder=``). Another backbone gives all its levels unless ``out_indices``
+    names them: a variant's own levels are chosen for its own backbone."""
+    named = kwargs.pop("encoder", None) or kwargs.get("backbone")
+    if named and named != default:
+        kwargs.setdefault("out_indices", None)
+    kwargs["backbone"] = named or default
+    return kwargs

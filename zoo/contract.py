@@ -9,7 +9,7 @@ Required, every task: ``forward(x)`` returning logits (classification ``[B, C]``
 
 Required, classification (timm's surface, :data:`TIMM_SURFACE`): ``forward_features``,
 ``forward_head(x, pre_logits=False)``, ``reset_classifier(num_classes, global_pool=None)``,
-``get_classifier()``, ``num_features``, ``head_hidden_size``, ``no_weight_decay()``,
+``get_classifier()``, ``num_classes``, ``num_features``, ``head_hidden_size``, ``no_weight_decay()``,
 ``group_matcher(coarse=False)``, ``set_grad_checkpointing(enable=True)`` (real activation
 checkpointing), ``forward_intermediates(x, indices=None, norm=False, output_fmt="NCHW",
 intermediates_only=False)``, ``prune_intermediate_layers(indices, prune_norm=False, prune_head=True)``
@@ -45,7 +45,7 @@ TIMM_SURFACE = (
     "forward_features", "forward_head", "reset_classifier", "get_classifier", "no_weight_decay",
     "group_matcher", "set_grad_checkpointing", "forward_intermediates", "prune_intermediate_layers",
 )
-TIMM_ATTRIBUTES = ("num_features", "head_hidden_size", "feature_info", "pretrained_cfg", "default_cfg")
+TIMM_ATTRIBUTES = ("num_classes", "num_features", "head_hidden_size", "feature_info", "pretrained_cfg", "default_cfg")
 
 
 @dataclass(frozen=True)

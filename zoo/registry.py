@@ -106,6 +106,8 @@ def create_model(
                 f"{' (0 = no classifier: features)' if least == 0 else ''}; got {num_classes!r}"
             )
         kwargs["num_classes"] = num_classes
+    if out_indices is not None and not features_only:  # a segmenter's own levels of its backbone
+        kwargs["out_indices"] = out_indices
     _check_common_kwargs(name, kwargs)
     download = bool(pretrained) and not pretrained_file
     if download and not spec.weights.downloadable:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import create_backbone
+from ..backbones import create_backbone, variant_backbone
 from ..contract import Capabilities, ZooModel
 from ..registry import register_model
 from ..spec import Metric, Reference, Weights
@@ -123,9 +123,7 @@ class FPNSegmenter(ZooModel, nn.Module):
 
 
 def _fpn(backbone: str, pretrained: bool, /, **kwargs) -> FPNSegmenter:
-    """The variant's ``backbone`` unless the caller names one (``backbone=`` or ``encoder=``)."""
-    kwargs["backbone"] = kwargs.pop("encoder", None) or kwargs.get("backbone") or backbone
-    return FPNSegmenter(pretrained_encoder=pretrained, **kwargs)
+    return FPNSegmenter(pretrained_encoder=pretrained, **variant_backbone(backbone, kwargs))
 
 
 _SPEC = dict(task="segmentation", paper=PAPER, paper_ids=("arXiv:1901.02446",), size_divisor=32)
@@ -147,5 +145,6 @@ def fpn_resnet18(pretrained: bool = False, **kwargs) -> FPNSegmenter:
                 weights=Weights(backbone="resnet10t.c3_in1k"), **_SPEC)
 def fpn_tiny(pretrained: bool = False, **kwargs) -> FPNSegmenter:
     kwargs.setdefault("decoder_channels", 64)
-    kwargs.setdefault("out_indices", (0, 1, 2, 3, 4))  # keep the stride-2 map: shapes at 64 px are small
+    if kwargs.get("backbone") is None and kwargs.get("encoder") is None:  # its own resnet10t's five levels:
+        kwargs.setdefault("out_indices", (0, 1, 2, 3, 4))  # keep the stride-2 map, shapes at 64 px are small
     return _fpn("resnet10t", pretrained, **kwargs)

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import create_backbone
+from ..backbones import create_backbone, variant_backbone
 from ..contract import Capabilities, ZooModel
 from ..registry import register_model
 from ..spec import Metric, Reference, Weights
@@ -402,9 +402,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
 
 # --------------------------------------------------------------------------------------------- variants
 def _create(backbone: str, pretrained: bool, /, **kwargs) -> MSGuidedSegmenter:
-    """The variant's ``backbone`` unless the caller names one (``backbone=`` or ``encoder=``)."""
-    kwargs["backbone"] = kwargs.pop("encoder", None) or kwargs.get("backbone") or backbone
-    return MSGuidedSegmenter(pretrained_encoder=pretrained, **kwargs)
+    return MSGuidedSegmenter(pretrained_encoder=pretrained, **variant_backbone(backbone, kwargs))
 
 
 _SPEC = dict(task="segmentation", paper=PAPER, paper_ids=("arXiv:1906.02849",), size_divisor=32,
