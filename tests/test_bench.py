@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import zoo
+from zoo.contract import Capabilities, ZooModel
 from zoo import registry
 from zoo.bench import ROW_KEYS, BenchmarkError, benchmark, format_table
 
@@ -20,7 +21,9 @@ REQUIRED = ("model", "infer_samples_per_sec", "train_samples_per_sec", "params_m
 
 
 # ------------------------------------------------------------------ tiny models (module level: picklable)
-class TinyCNN(nn.Module):
+class TinyCNN(ZooModel, nn.Module):
+    zoo_capabilities = Capabilities(bench_extras=True)  # declared: zoo bench adds bench_extras() to its row
+
     def __init__(self, num_classes: int = 4, in_chans: int = 3):
         super().__init__()
         self.num_classes = num_classes  # part of the classification contract (timm's attribute)

@@ -9,6 +9,7 @@ from torch import nn
 
 import zoo
 from zoo import registry
+from zoo.contract import Capabilities, ZooModel
 from zoo.__main__ import main
 from zoo.explain import (
     MAX_PANELS,
@@ -20,11 +21,14 @@ from zoo.explain import (
 )
 
 
-class TinyAttn(nn.Module):
-    """A classifier with two kinds of maps: 2 heads at 1/2 resolution, 20 regions at 1/4."""
+class TinyAttn(ZooModel, nn.Module):
+    """A classifier with two kinds of maps: 2 heads at 1/2 resolution, 20 regions at 1/4 (declared)."""
+
+    zoo_capabilities = Capabilities(attention_maps=True)
 
     def __init__(self, num_classes: int = 4, width: int = 8):
         super().__init__()
+        self.num_classes = num_classes
         self.stem = nn.Conv2d(3, width, 3, 2, 1)
         self.heads = nn.Conv2d(width, 2, 1)
         self.regions = nn.Conv2d(width, 20, 3, 2, 1)
@@ -39,9 +43,10 @@ class TinyAttn(nn.Module):
                 "regions": self.regions(f).sigmoid()}
 
 
-class NoMaps(nn.Module):
+class NoMaps(ZooModel, nn.Module):
     def __init__(self, num_classes: int = 4):
         super().__init__()
+        self.num_classes = num_classes
         self.fc = nn.Linear(3, num_classes)
 
     def forward(self, x):

@@ -52,10 +52,10 @@ def create_backbone(name: str, *, out_indices: OutIndices = None, pretrained: bo
 
 def variant_backbone(default: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """A registered segmenter's keyword arguments with its backbone: ``default`` unless the caller names one
-    (``backbone=``, or the older ``encoder=``). Another backbone gives all its levels unless ``out_indices``
-    names them: a variant's own levels are chosen for its own backbone."""
+    (``backbone=``, or the older ``encoder=``). A zoo backbone gives all its levels unless ``out_indices``
+    names them (the segmenters' default levels are a timm ResNet's)."""
     named = kwargs.pop("encoder", None) or kwargs.get("backbone")
-    if named and named != default:
+    if named and named != default and not is_timm_model(named):
         kwargs.setdefault("out_indices", None)
     kwargs["backbone"] = named or default
     return kwargs

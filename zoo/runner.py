@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import TaskMismatchError, WeightsError
+from .errors import TaskMismatchError
 from .registry import constructor_kwargs, create_model, get_spec
 from .spec import RunInput, resolve_run_input
 from .tasks import TASKS, ZooTask
@@ -41,7 +41,8 @@ def net_input_kwargs(model_name: str, dm: Any) -> dict:
     spec = get_spec(model_name)
     kwargs = dict(dm.model_kwargs())
     size = getattr(dm, "img_size", None) if spec.task != "mil" else None
-    if size is not None and spec.input_size and size != spec.input_size[-1] and "img_size" in constructor_kwargs(model_name):
+    takes_size = spec.fixed_input_size or "img_size" in constructor_kwargs(model_name)  # fixed-size builders take it
+    if size is not None and spec.input_size and size != spec.input_size[-1] and takes_size:
         kwargs["img_size"] = int(size)
     return kwargs
 
@@ -93,16 +94,13 @@ def build_task(model_cfg: dict, dm: Any, optim: dict | None = None, init_from: s
 
 
 def load_task(ckpt_path: str, map_location: str = "cpu") -> ZooTask:
-    """Rebuild a task module from a zoo checkpoint, safely (``weights_only=True``)."""
-    ckpt = safe_load(ckpt_path, map_location=map_location)
-    hp = ckpt.get("hyper_parameters")
-    if not hp or "model" not in hp:
-        raise WeightsError(f"{ckpt_path} is not a zoo checkpoint (no model in its hyper_parameters)")
-    task_cls = TASKS[get_spec(hp["model"]["name"]).task]
-    hp = {**hp, "freeze_backbone": False}
-    task = task_cls(**hp)
-    task.load_state_dict(ckpt["state_dict"])
-    return task
+    """Rebuild a task module from a zoo checkpoint, safely (``weights_only=True``): the net as
+    :func:`zoo.explain.load_net_from_checkpoint` rebuilds it everywhere a checkpoint is read."""
+    from .explain import load_net_from_checkpoint
+
+    net, hp = load_net_from_checkpoint(ckpt_path, map_location=map_location)
+    task_cls = TASKS[net.zoo_spec.task]
+    return task_cls(net.train(), **{**hp, "freeze_backbone": False})
 
 
 def flat_metrics(results: list[dict] | dict) -> dict[str, float]:

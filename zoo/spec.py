@@ -162,8 +162,8 @@ class ModelSpec:
         if img_size is not None:
             h = w = int(img_size)
         if in_chans is not None and in_chans != c:
-            return dataclasses.replace(self, input_size=(in_chans, h, w), mean=fit_channels(self.mean, in_chans),
-                                       std=fit_channels(self.std, in_chans))
+            return dataclasses.replace(self, input_size=(in_chans, h, w), mean=_stats_for(self.mean, in_chans),
+                                       std=_stats_for(self.std, in_chans))
         return dataclasses.replace(self, input_size=(c, h, w))
 
     # ------------------------------------------------------------------ timm interop
@@ -254,6 +254,15 @@ def _differs(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) != len(b) or any(abs(float(x) - float(y)) > 1e-9 for x, y in zip(a, b))
     return a != b
+
+
+def _stats_for(values: Sequence[float], channels: int) -> tuple[float, ...]:
+    """A spec's statistics for a net built with another channel count: fitted where they fit (RGB -> grey),
+    else their mean on every channel (a 2- or 4-channel net has no published statistics)."""
+    try:
+        return fit_channels(values, channels)
+    except ValueError:
+        return (sum(values) / len(values),) * channels
 
 
 def fit_channels(values: Sequence[float], channels: int) -> tuple[float, ...]:

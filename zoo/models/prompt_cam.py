@@ -447,9 +447,7 @@ _PROMPT_KW = ("num_classes", "vpt_mode", "vpt_dropout", "backbone_ckpt", "top_tr
 def _create(pretrained: bool, timm_name: str | None, vit_kwargs: dict, **kwargs: Any) -> PromptCAM:
     own = {k: kwargs.pop(k) for k in _PROMPT_KW if k in kwargs}
     vit_kwargs = {**vit_kwargs, **kwargs}  # the rest go to the backbone (drop_path_rate, in_chans, img_size ...)
-    if timm_name is None:
-        if pretrained:
-            raise ValueError("this variant has no published weights; use backbone_ckpt= (a zoo-trained ViT)")
+    if timm_name is None:  # (pretrained=True is refused by create_model: the spec names no weights)
         backbone = vit_nano_backbone(**vit_kwargs)
     else:
         import timm
