@@ -446,3 +446,25 @@ def test_collate_pads_and_rejects_empty_bags():
     assert y.tolist() == [1, 0] and bags[1, 1:].abs().sum() == 0
     with pytest.raises(DataFormatError, match="empty"):
         collate_bags([(torch.ones(3, 4), 1), (torch.ones(0, 4), 0)])
+
+
+def test_datamodules_share_one_constructor_list():
+    """The options every datamodule takes are declared once (ZooDataModule) and saved, with their defaults,
+    next to each task's own; the config check knows them and still refuses a misspelt key."""
+    import inspect
+
+    from zoo.data import ClassificationDataModule, MILDataModule, SegmentationDataModule
+    from zoo.data.common import ZooDataModule
+    from zoo.validate import ConfigError, check_kwargs
+
+    shared = [n for n in inspect.signature(ZooDataModule.__init__).parameters if n != "self"]
+    for cls, own in ((ClassificationDataModule, "resize_ratio"), (SegmentationDataModule, "value_map"),
+                     (MILDataModule, "labels")):
+        dm = cls()
+        assert set(shared) | {own} <= set(dm.hparams), cls.__name__
+        assert dm.hparams.val_fraction == 0.1 and dm.hparams.interpolation is None
+        check_kwargs("data", cls, {"img_size": 32, "crop_pct": 0.9, own: None})
+        with pytest.raises(ConfigError, match="img_sise"):
+            check_kwargs("data", cls, {"img_sise": 32})
+    with pytest.raises(ValueError, match="in_chans must be 1 or 3"):
+        ClassificationDataModule(in_chans=2)

@@ -36,14 +36,21 @@ def _import(target: str) -> Any:
 
 
 def _hints(fn: Callable) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+    """``fn``'s keyword parameters and type hints; a class whose ``__init__`` passes ``**kwargs`` on to its
+    base (the datamodules' shared options) gets the base's parameters too."""
     sig = inspect.signature(fn)
     params = {n: p for n, p in sig.parameters.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL,)}
     var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
     params = {n: p for n, p in params.items() if p.kind != p.VAR_KEYWORD}
     try:
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
     except Exception:  # noqa: BLE001 - an annotation that does not resolve: check names only
         hints = {}
+    if var_kw and isinstance(fn, type):
+        base = next((b for b in fn.__mro__[1:] if "__init__" in vars(b) and b is not object), None)
+        if base is not None and base.__module__.startswith("zoo."):
+            base_params, base_hints, var_kw = _hints(base)
+            params, hints = {**base_params, **params}, {**base_hints, **hints}
     return params, hints, var_kw
 
 

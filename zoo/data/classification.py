@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,30 +70,15 @@ class ClassificationDataModule(ZooDataModule):
         self,
         *,
         dataset: str = "digits",
-        root: str | None = None,
-        img_size: int | None = None,
-        mean: list | None = None,
-        std: list | None = None,
-        in_chans: int | None = None,
-        interpolation: str | None = None,
-        crop_pct: float | None = None,
         batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
-        download: bool = False,
-        augment: bool = True,
         verify_checksums: bool = True,
         resize_ratio: float | None = None,
         timm_aug: dict | None = None,
         bad_images: str = "skip",
+        **common: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(dataset=dataset, batch_size=batch_size, **common)
         self._check_dataset()
-        if in_chans not in (None, 1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
 
     # ------------------------------------------------------------------ classes
     @property

@@ -84,15 +84,41 @@ def split_indices(
 
 
 class ZooDataModule(L.LightningDataModule):
-    """Base of the three task datamodules. Subclasses call ``save_hyperparameters()``,
+    """Base of the three task datamodules: the shared constructor options. Subclasses
     declare ``DATASETS`` (name -> defaults) and implement ``_build()``/``_load_classes()``."""
 
     task: str = ""
     DATASETS: dict[str, dict[str, Any]] = {}
     collate_fn: Callable | None = None
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        dataset: str,
+        root: str | None = None,
+        img_size: int | None = None,
+        mean: list | None = None,
+        std: list | None = None,
+        in_chans: int | None = None,
+        interpolation: str | None = None,
+        crop_pct: float | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        download: bool = False,
+        augment: bool = True,
+    ) -> None:
+        """The options every datamodule takes (a subclass adds its own and passes these on as ``**common``):
+        ``img_size`` / ``mean`` / ``std`` / ``in_chans`` / ``interpolation`` / ``crop_pct`` override the
+        run's input (None: the model's spec or the dataset's default); missing val/test splits are seeded
+        stratified ``val_fraction`` / ``test_fraction`` parts of train. All of them, and the subclass's
+        own arguments, are saved as hyper-parameters (Lightning collects every ``__init__`` in the chain)."""
         super().__init__()
+        if in_chans not in (None, 1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        self.save_hyperparameters()
         self._from_model: dict[str, Any] = {}
         self._classes: list[str] | None = None
         self._built_key: tuple | None = None

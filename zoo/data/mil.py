@@ -6,6 +6,7 @@ zero padded; ``mask`` is ``bool [B, Nmax]``, True for real instances; ``label`` 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,18 +48,7 @@ class MILDataModule(ZooDataModule):
         self,
         *,
         dataset: str = "digit_bags",
-        root: str | None = None,
-        img_size: int | None = None,
-        mean: list | None = None,
-        std: list | None = None,
-        in_chans: int | None = None,
         batch_size: int = 1,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
-        download: bool = False,
-        augment: bool = True,
         labels: str | None = None,
         label_map: dict | None = None,
         class_names: list | None = None,
@@ -71,9 +61,9 @@ class MILDataModule(ZooDataModule):
         num_test: int = 200,
         h5_file: str | None = None,
         split_file: str | None = None,
+        **common: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(dataset=dataset, batch_size=batch_size, **common)
         self._check_dataset()
         if not 0 <= target_digit <= 9:
             raise ValueError(f"target_digit must be a digit 0..9, got {target_digit}")

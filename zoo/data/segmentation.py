@@ -4,6 +4,7 @@ every geometric change of the image and is resized with nearest neighbours."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,20 +48,7 @@ class SegmentationDataModule(ZooDataModule):
         self,
         *,
         dataset: str = "shapes",
-        root: str | None = None,
-        img_size: int | None = None,
-        mean: list | None = None,
-        std: list | None = None,
-        in_chans: int | None = None,
-        interpolation: str | None = None,
-        crop_pct: float | None = None,
         batch_size: int = 16,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
-        download: bool = False,
-        augment: bool = True,
         num_classes: int | None = None,
         class_names: list | None = None,
         value_map: dict | None = None,
@@ -74,8 +62,8 @@ class SegmentationDataModule(ZooDataModule):
         num_train: int = 1000,
         num_val: int = 200,
         num_test: int = 200,
+        **common: Any,
     ) -> None:
-        super().__init__()
         if dataset in STANDARD_SEG:  # fixed by the dataset, resolved before saving (as shapes below)
             num_classes = STANDARD_SEG[dataset].num_classes
         if eval_resize not in ("square", "short_side", "none"):
@@ -86,11 +74,9 @@ class SegmentationDataModule(ZooDataModule):
             # resolved before saving: Lightning refuses to log a datamodule whose num_classes
             # hparam differs from the task module's (it reads these locals)
             num_classes = len(SHAPE_CLASSES)
-        self.save_hyperparameters()
+        super().__init__(dataset=dataset, batch_size=batch_size, **common)  # saves the hyper-parameters
         self._check_dataset()
         self._scenes = None  # (key, drawn shapes): drawing once serves every img_size
-        if in_chans not in (None, 1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
         if dataset == "segfolder" and num_classes is None:
             raise ValueError("dataset=segfolder needs num_classes (mask values 0..num_classes-1, 255 = ignore)")
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
