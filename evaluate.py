@@ -82,6 +82,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if dm.num_classes != task.num_classes:
         raise ZooError(f"the checkpoint has {task.num_classes} classes but data '{cfg.data.dataset}' has "
                        f"{dm.num_classes}; evaluate on the data it was trained for")
+    stored_names = list((task.hparams.data_info or {}).get("class_names") or [])
+    if stored_names and list(dm.class_names) != stored_names:  # same count, other classes or another order
+        raise ZooError(f"the checkpoint's classes {stored_names[:10]} are not data '{cfg.data.dataset}'s "
+                       f"{list(dm.class_names)[:10]}; a metric over them would compare the wrong labels")
     trainer = L.Trainer(**trainer_kwargs(cfg), logger=build_loggers(cfg) or False,
                         callbacks=[L.pytorch.callbacks.RichProgressBar()], default_root_dir=str(out_dir))
     metrics = flat_metrics(trainer.test(task, datamodule=dm, verbose=False))

@@ -139,3 +139,23 @@ def test_featurebags_checkpoint_evaluates(compose_cfg, tmp_path):
     again = _evaluate(compose_cfg, tmp_path / "eval", ckpt, data)
     for k in trained:
         assert again[k] == pytest.approx(trained[k], abs=1e-6, nan_ok=True), k
+
+
+def test_evaluate_refuses_other_class_names(compose_cfg, tmp_path):
+    """Same class count, other classes: scoring would compare the wrong labels, so evaluate.py stops."""
+    from PIL import Image
+
+    def tree(root, classes):
+        for split in ("train", "val", "test"):
+            for c in classes:
+                (root / split / c).mkdir(parents=True)
+                for i in range(4):
+                    Image.new("RGB", (40, 40), (60 * i, 100, 30)).save(root / split / c / f"{i}.png")
+        return root
+
+    a = tree(tmp_path / "a", ["cat", "dog"])
+    b = tree(tmp_path / "b", ["ant", "bee"])
+    _, ckpt = _train(compose_cfg, tmp_path / "run", ["model=halonet_tiny", "data=imagefolder", f"data.root={a}",
+                                                     "data.batch_size=4"])
+    with pytest.raises(zoo.ZooError, match="not data 'imagefolder's"):
+        _evaluate(compose_cfg, tmp_path / "eval", ckpt, ["data=imagefolder", f"data.root={b}"])

@@ -15,10 +15,13 @@ from .errors import (
     WeightsError,
     ZooError,
 )
+from .contract import Capabilities, ZooModel, capabilities
 from .registry import ModelSpec, create_model, get_spec, list_models, model_info, register_model
+from .spec import Metric, Reference, RunInput, Weights
 
 __all__ = [
     "create_model", "list_models", "model_info", "register_model", "get_spec", "ModelSpec",
+    "Weights", "Reference", "Metric", "RunInput", "ZooModel", "Capabilities", "capabilities",
     "ZooError", "UnknownModelError", "DuplicateModelError", "InputSizeError", "TaskMismatchError",
     "DatasetNotFoundError", "DataFormatError", "WeightsError", "ModelArgumentError",
 ]
