@@ -160,9 +160,9 @@ def feature_extractor(model: nn.Module, spec: ModelSpec, out_indices: int | tupl
     why = model.features_unsupported if isinstance(model, ZooModel) else None
     if why:
         raise ModelArgumentError(f"{spec.name} cannot be built with features_only=True: {why}")
-    info = getattr(model, "feature_info", None)
+    info = model.feature_info  # part of the classification contract (empty: no spatial features)
     if not info:
-        raise ModelArgumentError(f"{spec.name} has no feature_info; features_only=True needs one")
+        raise ModelArgumentError(f"{spec.name} has no spatial features (empty feature_info); features_only=True needs them")
     indices = default_out_indices(len(info)) if out_indices is None else out_indices
     if isinstance(indices, (list, tuple)):
         indices = tuple(int(i) for i in indices)
