@@ -125,7 +125,7 @@ def check_run_config(cfg: dict[str, Any], *, training: bool = True) -> None:
     if not target:
         raise ConfigError("data has no _target_; pick a data config: data=digits, data=imagefolder, ...")
     dm_cls = _import(target)
-    check_kwargs("data", dm_cls.__init__, data)
+    check_kwargs("data", dm_cls, data)  # the class: its __init__ and the base options it passes on
     if isinstance(dm_cls, type) and issubclass(dm_cls, ZooDataModule) and dm_cls.DATASETS and "dataset" in data:
         check_choice("data", "dataset", data["dataset"], sorted(dm_cls.DATASETS))
 
