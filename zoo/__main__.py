@@ -349,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--img-size", type=int, default=None, help="tile resize (default: the backbone's input size)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--device", default="cpu")
+    s.add_argument("--overwrite", action="store_true",
+                   help="re-extract every bag (default: bags already in --out are skipped; another backbone is refused)")
     s.set_defaults(func=cmd_extract_features)
 
     s = sub.add_parser("export", help="write a checkpoint's net as safetensors, ONNX or TorchScript (output-checked)")
@@ -357,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output file")
     s.add_argument("--atol", type=float, default=1e-4, help="tolerance of the output equality check")
     s.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output file (never the checkpoint)")
     s.set_defaults(func=cmd_export)
     return p
 
@@ -364,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export
 
-    r = export(args.ckpt, args.format, args.out, atol=args.atol, rtol=args.atol, opset=args.opset)
+    r = export(args.ckpt, args.format, args.out, atol=args.atol, rtol=args.atol, opset=args.opset,
+               overwrite=args.overwrite)
     _console().print(f"wrote {r['out']} ({r['format']}, {r['model']}); outputs on a random {r['input_shape']} "
                      f"input match the checkpoint's net within {r['max_abs_diff']:.2g}", soft_wrap=True)
     return 0
@@ -389,7 +393,7 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
 
     counts = extract_features(args.tiles_root, args.out, args.model, pretrained=args.pretrained,
                               pretrained_file=args.pretrained_file, img_size=args.img_size,
-                              batch_size=args.batch_size, device=args.device)
+                              batch_size=args.batch_size, device=args.device, overwrite=args.overwrite)
     _console().print(f"{counts['written']} bags written, {counts['skipped']} already there "
                      f"({counts['bags']} in all) -> {args.out}")
     return 0

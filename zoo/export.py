@@ -9,6 +9,7 @@ input are compared with the checkpoint's net; a difference beyond the tolerance 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,32 +38,58 @@ def _compare(what: str, ours: torch.Tensor, theirs: torch.Tensor, atol: float, r
     return diff
 
 
+def check_output_path(out: str | Path, inputs: dict[str, str | Path | None], overwrite: bool, flag: str = "--overwrite") -> Path:
+    """Refuse an output that is one of the command's inputs (always) or an existing file (unless ``overwrite``)."""
+    out = Path(out)
+    for what, src in inputs.items():
+        if not src:
+            continue
+        if Path(src).resolve() == out.resolve() or (out.exists() and Path(src).exists() and os.path.samefile(src, out)):
+            raise ExportError(f"the output {out} is the {what} {src}: writing it would destroy the input; "
+                              "give another output path")
+    if out.is_dir():
+        raise ExportError(f"the output {out} is a folder; give a file path")
+    if out.exists() and not overwrite:
+        raise ExportError(f"the output {out} already exists; pass {flag} to replace it, or give another path")
+    return out
+
+
 def export(ckpt: str | Path, fmt: str, out: str | Path, *, atol: float = 1e-4, rtol: float = 1e-4,
-           opset: int = 17) -> dict[str, Any]:
-    """Write the net of zoo checkpoint ``ckpt`` as ``fmt`` to ``out``; returns the check's numbers."""
+           opset: int = 17, overwrite: bool = False) -> dict[str, Any]:
+    """Write the net of zoo checkpoint ``ckpt`` as ``fmt`` to ``out``; returns the check's numbers.
+
+    ``out`` is never ``ckpt`` itself, and an existing ``out`` is replaced only with ``overwrite=True``.
+    The file is written and checked under a temporary name beside ``out`` and renamed onto it only
+    when the check passes: a failed export or a full disk leaves ``out`` as it was."""
     from .explain import load_net_from_checkpoint
+    from .weights import atomic_write
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    out = check_output_path(out, {"checkpoint": ckpt}, overwrite)
     net, hp = load_net_from_checkpoint(ckpt)
     model = hp["model"] if isinstance(hp.get("model"), dict) else {"name": hp.get("model"), "kwargs": {}}
     name, kwargs = model["name"], dict(model.get("kwargs") or {})
     data_info = dict(hp.get("data_info") or {})
     net = net.eval()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     spec = get_spec(name)
     x = example_input(spec, stored_input(hp), batch_size=2, bag_size=7, in_dim=kwargs.get("in_dim"),
                       bag_images="in_dim" not in kwargs)
     with torch.no_grad():
         ref = net(x)
-    if fmt == "safetensors":
-        diff = _export_safetensors(net, name, kwargs, hp, data_info, out, x, ref, atol, rtol)
-    elif fmt == "torchscript":
-        diff = _export_torchscript(net, out, x, ref, atol, rtol)
-    else:
-        diff = _export_onnx(net, out, x, ref, atol, rtol, opset)
+    diffs: list[float] = []
+
+    def write(tmp: Path) -> None:
+        if fmt == "safetensors":
+            diffs.append(_export_safetensors(net, name, kwargs, hp, data_info, tmp, x, ref, atol, rtol))
+        elif fmt == "torchscript":
+            diffs.append(_export_torchscript(net, tmp, x, ref, atol, rtol))
+        else:
+            diffs.append(_export_onnx(net, tmp, x, ref, atol, rtol, opset))
+
+    atomic_write(out, write, what=f"the {fmt} export")
+    diff = diffs[0]
     return {"format": fmt, "out": str(out), "model": name, "input_shape": list(x.shape),
             "output_shape": list(ref.shape), "max_abs_diff": diff}
 

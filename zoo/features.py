@@ -5,10 +5,14 @@ bag this writes ``OUT/pt_files/<bag>.pt`` (float32 ``N x D``) and ``OUT/h5_files
 ``features`` and, when tile names (``..._x512_y1024.png`` or ``512_1024.png``) or a ``coords.csv``
 (``filename,x,y``) give them, ``coords`` (``N x 2``, x then y, in pixels). Files are written to a
 temporary name and renamed, so an interrupted run never leaves a half bag; a rerun skips bags done.
+``OUT/features.json`` records the backbone and tile size: a rerun with another backbone is refused
+(it would mix two feature spaces in one folder) unless ``overwrite=True`` re-extracts every bag.
+``OUT`` may not be ``TILES_ROOT`` or a folder inside it.
 """
 from __future__ import annotations
 
 import csv
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,9 +93,9 @@ def _batches(tiles: list[Path], transform, batch_size: int) -> Iterator[torch.Te
 
 
 def _save_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
+    from .weights import atomic_write
+
+    atomic_write(path, write, what="the features file")
 
 
 @torch.no_grad()
@@ -106,6 +110,7 @@ def extract_features(
     batch_size: int = 64,
     device: str = "cpu",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, int]:
     """Extract features for every bag under ``tiles_root``; returns counts of bags written and skipped."""
     import h5py
@@ -113,10 +118,27 @@ def extract_features(
 
     bags = find_bags(Path(tiles_root))
     out = Path(out_dir)
+    root = Path(tiles_root).resolve()
+    if out.resolve() == root or root in out.resolve().parents:
+        raise ZooError(f"--out {out} is inside the tiles folder {tiles_root}; write the features elsewhere")
+    if out.exists() and not out.is_dir():
+        raise ZooError(f"--out {out} is a file; give a folder (it gets pt_files/ and h5_files/)")
+    manifest = {"model": model, "img_size": img_size, "pretrained": bool(pretrained),
+                "pretrained_file": str(pretrained_file) if pretrained_file else None}
+    manifest_path = out / "features.json"
+    if manifest_path.is_file() and not overwrite:
+        try:
+            before = json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            before = None
+        if before != manifest:
+            raise ZooError(f"{out} holds features extracted with {before}, not {manifest}; pass --overwrite "
+                           "(overwrite=True) to re-extract every bag, or choose another --out")
     (out / "pt_files").mkdir(parents=True, exist_ok=True)
     (out / "h5_files").mkdir(parents=True, exist_ok=True)
-    todo = {b: t for b, t in bags.items()
-            if not ((out / "pt_files" / f"{b}.pt").is_file() and (out / "h5_files" / f"{b}.h5").is_file())}
+    _save_atomic(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+    todo = {b: t for b, t in bags.items() if overwrite
+            or not ((out / "pt_files" / f"{b}.pt").is_file() and (out / "h5_files" / f"{b}.h5").is_file())}
     counts = {"bags": len(bags), "written": 0, "skipped": len(bags) - len(todo)}
     if not todo:
         return counts

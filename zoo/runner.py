@@ -114,10 +114,11 @@ def flat_metrics(results: list[dict] | dict) -> dict[str, float]:
 
 def write_metrics(metrics: dict[str, float], *paths: str | Path | None) -> None:
     text = json.dumps({k: (None if math.isnan(v) else v) for k, v in metrics.items()}, indent=2)
-    for p in paths:
+    from .weights import atomic_write
+
+    for p in paths:  # atomically: a full disk leaves the previous metrics file as it was
         if p:
-            Path(p).parent.mkdir(parents=True, exist_ok=True)
-            Path(p).write_text(text + "\n")
+            atomic_write(p, lambda tmp: tmp.write_text(text + "\n"), what="the metrics file")
 
 
 def print_metrics_table(metrics: dict[str, float], title: str = "Test metrics") -> None:

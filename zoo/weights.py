@@ -1,7 +1,10 @@
 """Safe loading of weights files: safetensors, or ``torch.load(weights_only=True)``; never a pickle that runs code."""
 from __future__ import annotations
 
+import errno
+import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -20,12 +23,12 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: 
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device=str(map_location))
+        return _load_safetensors(path, map_location)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap or None)
     except pickle.UnpicklingError as e:
+        if not _looks_like_pickle(path):
+            raise WeightsError(_not_a_checkpoint(path)) from None
         raise WeightsError(
             f"refused to load {path}: it is not a plain weights file (its pickle asks to run or build "
             f"objects: {str(e).splitlines()[0][:200]}). The zoo only loads weights with "
@@ -33,7 +36,61 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: 
             "safetensors; otherwise do not use it."
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
+        if not _looks_like_pickle(path):
+            raise WeightsError(_not_a_checkpoint(path)) from None
         raise WeightsError(f"could not read {path} ({type(e).__name__}: {e}); is it truncated or corrupt?") from None
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    """A torch.save file: a zip archive (torch >= 1.6) or a pickle (protocol 2+ starts with 0x80)."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK") or zipfile.is_zipfile(path) or head[:1] == b"\x80"
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    size = path.stat().st_size
+    what = "it is empty" if size == 0 else f"its {size} bytes are neither a torch.save file nor safetensors"
+    return (f"{path} is not a checkpoint or weights file ({what}). Give a .ckpt/.pt/.pth written by "
+            "torch.save (a zoo run's checkpoints/*.ckpt) or a .safetensors file; was it copied completely?")
+
+
+def _load_safetensors(path: Path, map_location) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(map_location))
+    except SafetensorError as e:
+        if _looks_like_pickle(path):
+            raise WeightsError(f"{path} is named .safetensors but is a torch.save (pickle/zip) file; "
+                               "rename it to .pt (it is then loaded with weights_only=True)") from None
+        raise WeightsError(f"{path} is not a valid safetensors file ({e}); it is truncated or corrupt "
+                           "(compare its size with the original, download or copy it again)") from None
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object], *, what: str = "file") -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then ``os.replace`` it onto ``path``: a reader
+    sees the old file or the new one, never half of one. On any failure the temporary file is removed
+    and ``path`` is untouched; a write error (disk full, read-only folder) is a :class:`WeightsError`
+    naming ``path`` and the cause. ``write`` gets the temporary path (with ``path``'s suffix)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        cause = "the disk is full" if e.errno == errno.ENOSPC else (
+            "the folder is read-only or not writable" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+            else f"{type(e).__name__}: {e.strerror or e}")
+        raise WeightsError(f"could not write {what} {path}: {cause} ({e.strerror or e}); "
+                           f"{'the previous file is unchanged' if path.exists() else 'nothing was written'}. "
+                           "Free space or choose a writable folder, then run again.") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:
