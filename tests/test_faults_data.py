@@ -51,3 +51,39 @@ def test_16bit_segmentation_image_scaled_and_16bit_mask_stays_labels(tmp_path):
     expected = np.rint(np.arange(64).reshape(8, 8) * 1000 * 255 / 65535)
     np.testing.assert_allclose(x[0].numpy().astype(float), expected, atol=1)
     assert m.dtype == torch.long and torch.equal(m, torch.from_numpy(labels.astype(np.int64)))
+
+
+# ---------------------------------------------------------------- empty class folders
+def _imagefolder(root: Path, classes=("a", "b"), n=6, splits=("train",)) -> Path:
+    for split in splits:
+        for k, c in enumerate(classes):
+            for i in range(n):
+                _png(root / split / c / f"{c}{i}.png", value=40 * k + i)
+    return root
+
+
+def test_empty_class_folder_is_an_error_naming_it(tmp_path):
+    from zoo.data import ClassificationDataModule
+    from zoo.errors import DataFormatError
+
+    root = _imagefolder(tmp_path / "data")
+    (root / "train" / "phantom").mkdir()
+    (root / "train" / "phantom" / "notes.txt").write_text("no images here")
+    dm = ClassificationDataModule(dataset="imagefolder", root=str(root), img_size=8, batch_size=4)
+    with pytest.raises(DataFormatError, match="phantom") as e:
+        dm.num_classes  # today: 3 classes, one of them without a sample
+    assert "allow_empty_classes" in str(e.value)
+    with pytest.raises(DataFormatError, match="phantom"):
+        dm.setup("fit")
+
+
+def test_empty_class_folder_allowed_with_a_loud_warning(tmp_path, caplog):
+    from zoo.data import ClassificationDataModule
+
+    root = _imagefolder(tmp_path / "data")
+    (root / "train" / "phantom").mkdir()
+    dm = ClassificationDataModule(dataset="imagefolder", root=str(root), img_size=8, batch_size=4,
+                                  allow_empty_classes=True)
+    with caplog.at_level("WARNING", logger="zoo.data"):
+        assert dm.class_names == ["a", "b", "phantom"]
+    assert "EMPTY CLASS" in caplog.text and str(root / "train" / "phantom") in caplog.text

@@ -68,12 +68,29 @@ def open_image(path, in_chans: int) -> Image.Image:
 
 
 # --------------------------------------------------------------------------- ImageFolder
-def find_classes(train_dir: Path) -> list[str]:
+def _has_image(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMG_EXTENSIONS and p.is_file() for p in folder.rglob("*"))
+
+
+def find_classes(train_dir: Path, allow_empty: bool = False) -> list[str]:
+    """Class names = the folders of ``train_dir``, sorted as ImageFolder sorts. A folder without images
+    would be a class no sample has (shifting no ids, but counted in ``num_classes`` and the metrics):
+    an error naming it, or with ``allow_empty`` a warning and the class is kept."""
     classes = sorted(e.name for e in train_dir.iterdir() if e.is_dir())  # as ImageFolder sorts
     if not classes:
         raise DatasetNotFoundError(
             f"no class folders in {train_dir}\nExpected layout:\n{IMAGEFOLDER_LAYOUT}"
         )
+    empty = [train_dir / c for c in classes if not _has_image(train_dir / c)]
+    if empty:
+        names = ", ".join(str(e) for e in empty)
+        if not allow_empty:
+            raise DataFormatError(
+                f"class folder(s) without images ({', '.join(IMG_EXTENSIONS)}): {names}; each would be a class "
+                "with no samples. Remove the folder, add its images, or set data.allow_empty_classes=true to keep it"
+            )
+        log.warning("EMPTY CLASS FOLDER(S) kept as classes without samples (data.allow_empty_classes=true): %s",
+                    names)
     return classes
 
 
