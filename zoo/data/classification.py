@@ -75,6 +75,7 @@ class ClassificationDataModule(ZooDataModule):
         resize_ratio: float | None = None,
         timm_aug: dict | None = None,
         bad_images: str = "skip",
+        allow_empty_classes: bool = False,
         **common: Any,
     ) -> None:
         super().__init__(dataset=dataset, batch_size=batch_size, **common)
@@ -110,7 +111,8 @@ class ClassificationDataModule(ZooDataModule):
         if name in STANDARD:
             return self._standard_splits().classes
         if name == "imagefolder":
-            return find_classes(require_dir(self.root / "train", "imagefolder", IMAGEFOLDER_LAYOUT))
+            train = require_dir(self.root / "train", "imagefolder", IMAGEFOLDER_LAYOUT)
+            return find_classes(train, allow_empty=self.hparams.allow_empty_classes)
         self.prepare_data()
         return load_cifar(name, self.root, train=False, verify_checksums=self.hparams.verify_checksums)[2]
 
@@ -193,7 +195,7 @@ class ClassificationDataModule(ZooDataModule):
 
     def _build_imagefolder(self) -> None:
         root = self.root
-        classes = find_classes(require_dir(root / "train", "imagefolder", IMAGEFOLDER_LAYOUT))
+        classes = self.class_names  # found (and checked) once
         train = scan_imagefolder(root / "train", classes)
         has = {s: (root / s).is_dir() for s in ("val", "test")}
         tr, va, te = self._split([t for _, t in train], not has["val"], not has["test"])

@@ -40,18 +40,57 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
 
 
+HIGH_BIT_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """Images of more than 8 bits per channel scaled by their real range, not clipped at 255: unsigned 16-bit
+    (PNG, TIFF: Pillow modes ``I;16*``, and ``I`` holding values <= 65535) is divided by 65535, 32-bit
+    integer data with larger values by its dtype max 2**31 - 1 (negatives clip to 0), float (``F``) images
+    are taken as [0, 1]; then quantised to 8 bits (``round(value * 255)``). Masks do not pass through here:
+    their values stay class ids."""
+    if im.mode not in HIGH_BIT_MODES and im.mode != "F":
+        return im
+    arr = np.asarray(im)
+    if im.mode == "F":
+        top = 1.0
+    elif im.mode == "I" and arr.size and arr.max() > 65535:
+        top = 2.0**31 - 1  # genuinely 32-bit data
+    else:
+        top = float(HIGH_BIT_MODES[im.mode])
+    scaled = np.clip(np.rint(arr.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled)  # 2-D uint8: mode L
+
+
 def open_image(path, in_chans: int) -> Image.Image:
     with Image.open(path) as im:
-        return im.convert("L" if in_chans == 1 else "RGB")
+        return to_8bit(im).convert("L" if in_chans == 1 else "RGB")
 
 
 # --------------------------------------------------------------------------- ImageFolder
-def find_classes(train_dir: Path) -> list[str]:
+def _has_image(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMG_EXTENSIONS and p.is_file() for p in folder.rglob("*"))
+
+
+def find_classes(train_dir: Path, allow_empty: bool = False) -> list[str]:
+    """Class names = the folders of ``train_dir``, sorted as ImageFolder sorts. A folder without images
+    would be a class no sample has (shifting no ids, but counted in ``num_classes`` and the metrics):
+    an error naming it, or with ``allow_empty`` a warning and the class is kept."""
     classes = sorted(e.name for e in train_dir.iterdir() if e.is_dir())  # as ImageFolder sorts
     if not classes:
         raise DatasetNotFoundError(
             f"no class folders in {train_dir}\nExpected layout:\n{IMAGEFOLDER_LAYOUT}"
         )
+    empty = [train_dir / c for c in classes if not _has_image(train_dir / c)]
+    if empty:
+        names = ", ".join(str(e) for e in empty)
+        if not allow_empty:
+            raise DataFormatError(
+                f"class folder(s) without images ({', '.join(IMG_EXTENSIONS)}): {names}; each would be a class "
+                "with no samples. Remove the folder, add its images, or set data.allow_empty_classes=true to keep it"
+            )
+        log.warning("EMPTY CLASS FOLDER(S) kept as classes without samples (data.allow_empty_classes=true): %s",
+                    names)
     return classes
 
 
