@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import pickle
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,10 +43,15 @@ def collate_bags(batch):
     return out, mask, torch.as_tensor(labels, dtype=torch.long)
 
 
-def read_bag_table(path: Path) -> tuple[list[str], list[str], list[str] | None]:
-    """``bag_id,label[,split]`` rows -> ids, raw labels, splits (None without the column)."""
+def read_bag_table(path: Path, with_lines: bool = False):
+    """``bag_id,label[,split]`` rows -> ids, raw labels, splits (None without the column), and with
+    ``with_lines`` each row's line number in the file (for errors that name the row)."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows, lines = [], []
+        for r in reader:
+            rows.append(r)
+            lines.append(reader.line_num)
     if not rows:
         raise DataFormatError(f"{path} has no rows; expected a header bag_id,label[,split]")
     cols = {ALIASES.get(c.strip(), c.strip()) for c in rows[0] if c is not None}
@@ -64,19 +70,56 @@ def read_bag_table(path: Path) -> tuple[list[str], list[str], list[str] | None]:
         bad = sorted(set(splits) - set(SPLITS))
         if bad:
             raise DataFormatError(f"{path}: split values {bad} are not train/val/test")
-    return ids, [r["label"] for r in rows], splits
+    labels = [r["label"] for r in rows]
+    return (ids, labels, splits, lines) if with_lines else (ids, labels, splits)
 
 
-def encode_labels(raw: list[str]) -> tuple[list[int], list[str]]:
-    """Integer labels are class ids as they are; strings map to ids in sorted order."""
+def _int_label(v: str) -> int | None:
     try:
-        ids = [int(v) for v in raw]
+        return int(v)
     except ValueError:
+        return None
+
+
+def encode_labels(raw: list[str], class_names: list[str] | None = None,
+                  where: Callable[[int], str] | None = None) -> tuple[list[int], list[str]]:
+    """Raw labels -> class ids and the class names.
+
+    With ``class_names`` declared, a label is one of the names or a class id ``0..C-1``; any other
+    label (unknown, empty, an id past the class count) is a :class:`DataFormatError` naming its row
+    (``where(i)``: the file and row of label ``i``). Nothing declared: integer labels are class ids as
+    they are, names map to ids in sorted order; empty labels and a mix of ids and names are refused.
+    """
+    where = where or (lambda i: f"row {i + 1}")
+    if class_names is not None:
+        names = [str(c) for c in class_names]
+        index = {n: k for k, n in enumerate(names)}
+        ids = []
+        for i, v in enumerate(raw):
+            k = index.get(v, _int_label(v))
+            if k is None or not 0 <= k < len(names):
+                raise DataFormatError(
+                    f"{where(i)}: label {v!r} is not one of the declared classes {names[:10]} (nor a class id "
+                    f"0..{len(names) - 1}); fix the row, or declare the class in data.class_names / data.label_map")
+            ids.append(k)
+        return ids, names
+    empty = [i for i, v in enumerate(raw) if not v]
+    if empty:
+        raise DataFormatError(f"{where(empty[0])}: empty label ({len(empty)} rows have none); give every bag a label")
+    ints = [_int_label(v) for v in raw]
+    if all(k is None for k in ints):
         names = sorted(set(raw))
         return [names.index(v) for v in raw], names
-    if min(ids) < 0:
-        raise DataFormatError(f"negative labels {sorted({i for i in ids if i < 0})}")
-    return ids, [str(i) for i in range(max(ids) + 1)]
+    if any(k is None for k in ints):
+        a = next(i for i, k in enumerate(ints) if k is not None)
+        b = next(i for i, k in enumerate(ints) if k is None)
+        raise DataFormatError(
+            f"labels mix class ids and names: {where(a)} has {raw[a]!r}, {where(b)} has {raw[b]!r}; use one "
+            "kind, or declare the classes (data.class_names, data.label_map or data.num_classes)")
+    if min(ints) < 0:
+        i = ints.index(min(ints))
+        raise DataFormatError(f"{where(i)}: negative label {raw[i]!r}; class ids are 0..C-1")
+    return ints, [str(i) for i in range(max(ints) + 1)]
 
 
 class FeatureBagDataset(Dataset):

@@ -52,6 +52,7 @@ class MILDataModule(ZooDataModule):
         labels: str | None = None,
         label_map: dict | None = None,
         class_names: list | None = None,
+        num_classes: int | None = None,
         target_digit: int = 9,
         mean_bag_length: float = 10,
         std_bag_length: float = 2,
@@ -65,6 +66,10 @@ class MILDataModule(ZooDataModule):
     ) -> None:
         super().__init__(dataset=dataset, batch_size=batch_size, **common)
         self._check_dataset()
+        if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+            raise DataFormatError(f"data.class_names has {len(class_names)} names but data.num_classes={num_classes}")
+        if num_classes is not None and num_classes < 1:
+            raise DataFormatError(f"data.num_classes={num_classes}; a class count is >= 1")
         if not 0 <= target_digit <= 9:
             raise ValueError(f"target_digit must be a digit 0..9, got {target_digit}")
         self._in_dim: int | None = None
@@ -100,14 +105,15 @@ class MILDataModule(ZooDataModule):
                     raise DatasetNotFoundError(f"featurebags: data.h5_file not found: {h5}\nExpected layout:\n"
                                                f"{FEATUREBAGS_LAYOUT}")
                 ids, raw = read_h5_groups(h5)
+                where = lambda i: f"{h5} group {ids[i]!r}"  # noqa: E731
                 if self.labels_csv.is_file():
                     csv_ids, _, csv_splits = read_bag_table(self.labels_csv)
                     if csv_splits is not None:
-                        where = dict(zip(csv_ids, csv_splits))
-                        missing = [b for b in ids if b not in where]
+                        where_split = dict(zip(csv_ids, csv_splits))
+                        missing = [b for b in ids if b not in where_split]
                         if missing:
                             raise DataFormatError(f"{self.labels_csv} gives no split for slides {missing[:3]} of {h5}")
-                        splits = [where[b] for b in ids]
+                        splits = [where_split[b] for b in ids]
                 if splits is None and any("test" in b for b in ids):
                     splits = ["test" if "test" in b else "train" for b in ids]  # ACMIL's CAMELYON16 rule
             else:
@@ -115,23 +121,37 @@ class MILDataModule(ZooDataModule):
                     raise DatasetNotFoundError(
                         f"featurebags: labels CSV not found: {self.labels_csv}\nExpected layout:\n{FEATUREBAGS_LAYOUT}"
                     )
-                ids, raw, splits = read_bag_table(self.labels_csv)
+                ids, raw, splits, lines = read_bag_table(self.labels_csv, with_lines=True)
+                where = lambda i: f"{self.labels_csv} line {lines[i]} (bag {ids[i]!r})"  # noqa: E731
             if hp.split_file:
                 splits = self._splits_from_json(ids)
-            if hp.label_map:  # e.g. BRACS' 7 subtypes -> 3 classes
-                lm = {str(k): str(v) for k, v in hp.label_map.items()}
-                unknown = sorted(set(raw) - set(lm))
-                if unknown:
-                    raise DataFormatError(f"labels {unknown[:5]} are not in data.label_map")
-                raw = [lm[v] for v in raw]
-            y, names = encode_labels(raw)
-            if hp.class_names:
-                if len(hp.class_names) != len(names):
-                    raise DataFormatError(f"data.class_names has {len(hp.class_names)} names "
-                                          f"but the labels give {len(names)} classes")
-                names = list(hp.class_names)
+            y, names = encode_labels(*self._mapped(raw, where), where=where)
             self._table = (ids, y, splits, names)
         return self._table
+
+    def _mapped(self, raw: list[str], where) -> tuple[list[str], list[str] | None]:
+        """Labels through ``data.label_map``, and the declared classes: ``data.class_names``, else
+        ids ``0..num_classes-1``, else the label map's targets; None: inferred from the labels."""
+        hp = self.hparams
+        declared = None
+        if hp.label_map:  # e.g. BRACS' 7 subtypes -> 3 classes
+            lm = {str(k): str(v) for k, v in hp.label_map.items()}
+            unknown = [i for i, v in enumerate(raw) if v not in lm]
+            if unknown:
+                i = unknown[0]
+                raise DataFormatError(f"{where(i)}: label {raw[i]!r} is not in data.label_map (keys {sorted(lm)[:10]}; "
+                                      f"{len(unknown)} rows); add it to the map or fix the row")
+            raw = [lm[v] for v in raw]
+            targets = sorted(set(lm.values()))
+            try:
+                declared = [str(i) for i in range(max(int(v) for v in targets) + 1)]
+            except ValueError:
+                declared = targets
+        if hp.num_classes is not None:
+            declared = [str(i) for i in range(hp.num_classes)]
+        if hp.class_names:
+            declared = [str(c) for c in hp.class_names]
+        return raw, declared
 
     def _splits_from_json(self, ids: list[str]) -> list[str]:
         """ACMIL / CLAM split file: ``{"train_names": [...], "val_names": [...], "test_names": [...]}``."""
