@@ -27,6 +27,8 @@ from .folders import (
     IMAGEFOLDER_LAYOUT,
     ImageList,
     cifar_missing,
+    eval_policy,
+    train_policy,
     download_cifar,
     find_classes,
     load_cifar,
@@ -74,7 +76,7 @@ class ClassificationDataModule(ZooDataModule):
         verify_checksums: bool = True,
         resize_ratio: float | None = None,
         timm_aug: dict | None = None,
-        bad_images: str = "skip",
+        bad_images: str | None = None,
         allow_empty_classes: bool = False,
         **common: Any,
     ) -> None:
@@ -204,11 +206,7 @@ class ClassificationDataModule(ZooDataModule):
             "val": scan_imagefolder(root / "val", classes) if has["val"] else [train[i] for i in va],
             "test": scan_imagefolder(root / "test", classes) if has["test"] else [train[i] for i in te],
         }
-        c = self.in_chans
-        b = self.hparams.bad_images
-        self.train_set = ImageList(splits["train"], self._folder_transforms(True), c, bad_images=b)
-        self.val_set = ImageList(splits["val"], self._folder_transforms(False), c, bad_images=b)
-        self.test_set = ImageList(splits["test"], self._folder_transforms(False), c, bad_images=b)
+        self._image_lists(splits["train"], splits["val"], splits["test"])
         self._classes = classes
 
     def _standard_splits(self):
@@ -222,9 +220,13 @@ class ClassificationDataModule(ZooDataModule):
         if val is None:  # no official validation split: a seeded stratified part of train
             tr, va, _ = self._split([t for _, t in train], need_test=False)
             train, val = [sp.train[i] for i in tr], [sp.train[i] for i in va]
-        c = self.in_chans
-        b = self.hparams.bad_images
-        self.train_set = ImageList(train, self._folder_transforms(True), c, bad_images=b)
-        self.val_set = ImageList(val, self._folder_transforms(False), c, bad_images=b)
-        self.test_set = ImageList(sp.test, self._folder_transforms(False), c, bad_images=b)
+        self._image_lists(train, val, sp.test)
         self._classes = sp.classes
+
+    def _image_lists(self, train, val, test) -> None:
+        """``bad_images``: unset = skip (replace and count) in training, error in val/test; ``skip`` also
+        leaves unreadable val/test images out (counted as ``val/skipped``, ``test/skipped``), never replaced."""
+        c, b = self.in_chans, self.hparams.bad_images
+        self.train_set = ImageList(train, self._folder_transforms(True), c, bad_images=train_policy(b))
+        self.val_set = ImageList(val, self._folder_transforms(False), c, bad_images=eval_policy(b), split="val")
+        self.test_set = ImageList(test, self._folder_transforms(False), c, bad_images=eval_policy(b), split="test")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -111,23 +112,95 @@ def scan_imagefolder(split_dir: Path, classes: list[str]) -> list[tuple[str, int
 BAD_IMAGES = ("skip", "error")
 
 
+def eval_policy(bad_images: str | None) -> str:
+    """The datamodules' ``bad_images`` for val/test: unset (None) = ``'error'``."""
+    return bad_images or "error"
+
+
+def train_policy(bad_images: str | None) -> str:
+    """The datamodules' ``bad_images`` for training: unset (None) = ``'skip'`` (replace and count)."""
+    return bad_images or "skip"
+
+
+def _why(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+
+
 class SkipsUnreadable:
-    """``bad_images='skip'``: an image PIL cannot read (corrupt, truncated, not an image) is replaced
-    by the next readable item and logged with a running count; ``'error'``: a DataFormatError naming
-    the file. The count is per process (each DataLoader worker logs its own)."""
+    """What an unreadable image (corrupt, truncated, not an image) does.
+
+    Training split (``split='train'``): ``bad_images='skip'`` replaces it by the next readable item and
+    logs it with a running count (per process: each DataLoader worker logs its own); ``'error'``: a
+    DataFormatError naming the file.
+
+    Evaluation splits (``split='val'``/``'test'``): no item is ever replaced. ``'error'``: a
+    DataFormatError naming the file; ``'skip'``: every item is read once when the dataset is built, the
+    unreadable ones are left out (``left_out``: their files; ``len`` counts only the rest) and named in
+    the log; the task logs their count as ``{split}/skipped``."""
 
     bad_images = "skip"
+    split = "train"
+    left_out: list[str] | None = None  # evaluation with 'skip': the files left out (None: not scanned)
 
-    def _check_policy(self, bad_images: str) -> None:
+    def _check_policy(self, bad_images: str, split: str = "train") -> None:
         if bad_images not in BAD_IMAGES:
             raise ValueError(f"bad_images must be one of {BAD_IMAGES}, got {bad_images!r}")
-        self.bad_images, self.skipped = bad_images, set()
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        self.bad_images, self.split, self.skipped = bad_images, split, set()
+
+    def _files(self, item) -> tuple:
+        """The files one item reads (the image, and the mask for segmentation)."""
+        raise NotImplementedError
+
+    def _items(self) -> list:
+        raise NotImplementedError
+
+    def _set_items(self, items: list) -> None:
+        raise NotImplementedError
+
+    def _read_check(self, item) -> None:
+        """Decode the item's files; raises what PIL raises on an unreadable one."""
+        raise NotImplementedError
+
+    def _leave_out_unreadable(self) -> None:
+        """Evaluation with 'skip': read every item once and keep only the readable ones."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def problem(item):
+            try:
+                self._read_check(item)
+            except (OSError, SyntaxError, ValueError) as e:
+                if isinstance(e, DataFormatError):
+                    raise
+                return _why(e)
+            return None
+
+        items = self._items()
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            problems = list(pool.map(problem, items))
+        self.left_out = [str(self._files(it)[0]) for it, why in zip(items, problems) if why is not None]
+        if self.left_out:
+            for it, why in zip(items, problems):
+                if why is not None:
+                    log.warning("%s: left out unreadable %s (%s)", self.split, " / ".join(map(str, self._files(it))), why)
+            log.warning("%s: %d of %d items left out as unreadable (data.bad_images=skip); the %s metrics are "
+                        "computed on the other %d", self.split, len(self.left_out), len(items), self.split,
+                        len(items) - len(self.left_out))
+        kept = [it for it, why in zip(items, problems) if why is None]
+        if items and not kept:
+            raise DataFormatError(f"{self.split}: none of the {len(items)} images could be read "
+                                  f"(first: {self.left_out[0]})")
+        self._set_items(kept)
 
     def _unreadable(self, path, error: Exception, i: int) -> int:
-        why = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-        if self.bad_images == "error":
-            raise DataFormatError(f"cannot read image {path} ({why}); fix or remove it, or set "
-                                  "data.bad_images=skip to skip unreadable images") from None
+        why = _why(error)
+        if self.bad_images == "error" or self.split != "train":
+            hint = ("fix or remove it, or set data.bad_images=skip to leave unreadable images out of "
+                    "evaluation (they are counted as {s}/skipped)" if self.split != "train" else
+                    "fix or remove it, or set data.bad_images=skip to skip unreadable images")
+            raise DataFormatError(f"cannot read {self.split} image {path} ({why}); "
+                                  + hint.format(s=self.split)) from None
         if str(path) not in self.skipped:
             self.skipped.add(str(path))
             log.warning("skipped unreadable image %s (%s); %d skipped so far", path, why, len(self.skipped))
@@ -137,13 +210,32 @@ class SkipsUnreadable:
 
 
 class ImageList(SkipsUnreadable, Dataset):
-    """(path, label) samples read with PIL; ``targets`` for stratified splits."""
+    """(path, label) samples read with PIL; ``targets`` for stratified splits. ``split``: see
+    :class:`SkipsUnreadable` (val/test never replace an unreadable image)."""
 
-    def __init__(self, samples, transform: Callable | None = None, in_chans: int = 3, bad_images: str = "skip"):
+    def __init__(self, samples, transform: Callable | None = None, in_chans: int = 3, bad_images: str = "skip",
+                 split: str = "train"):
         self.samples = list(samples)
-        self.targets = [t for _, t in self.samples]
         self.transform, self.in_chans = transform, in_chans
-        self._check_policy(bad_images)
+        self._check_policy(bad_images, split)
+        if split != "train" and bad_images == "skip":
+            self._leave_out_unreadable()
+        self.targets = [t for _, t in self.samples]
+
+    def _files(self, item) -> tuple:
+        return (item[0],)
+
+    def _items(self) -> list:
+        return self.samples
+
+    def _set_items(self, items: list) -> None:
+        self.samples = items
+
+    def _read_check(self, item) -> None:
+        open_image(item[0], self.in_chans)
+
+    def item_names(self, indices) -> list[str]:
+        return [str(self.samples[i][0]) for i in indices]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -221,11 +313,30 @@ class SegFolderDataset(SkipsUnreadable, Dataset):
     """(image, mask) pairs from disk; joint v2 transforms see a ``tv_tensors.Mask``."""
 
     def __init__(self, pairs, *, num_classes: int, value_map=None, in_chans: int = 3, transform=None,
-                 bad_images: str = "skip"):
+                 bad_images: str = "skip", split: str = "train"):
         self.pairs = list(pairs)
         self.num_classes, self.in_chans, self.transform = num_classes, in_chans, transform
         self.lut = mask_lut(value_map, num_classes)
-        self._check_policy(bad_images)
+        self._check_policy(bad_images, split)
+        if split != "train" and bad_images == "skip":
+            self._leave_out_unreadable()
+
+    def _files(self, item) -> tuple:
+        return tuple(item)
+
+    def _items(self) -> list:
+        return self.pairs
+
+    def _set_items(self, items: list) -> None:
+        self.pairs = items
+
+    def _read_check(self, item) -> None:
+        open_image(item[0], self.in_chans)
+        with Image.open(item[1]) as im:
+            im.load()
+
+    def item_names(self, indices) -> list[str]:
+        return [str(self.pairs[i][0]) for i in indices]
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -15,7 +15,7 @@ from zoo.errors import DatasetNotFoundError
 
 from .common import IMAGENET_MEAN, IMAGENET_STD, ZooDataModule, require_dir, split_indices
 from .embedded import SHAPE_CLASSES, ShapesDataset, make_shapes
-from .folders import SEGFOLDER_LAYOUT, SegFolderDataset, scan_segfolder
+from .folders import SEGFOLDER_LAYOUT, SegFolderDataset, eval_policy, scan_segfolder, train_policy
 from .standard_seg import STANDARD_SEG, read_standard_seg
 
 IGNORE_INDEX = 255
@@ -58,7 +58,7 @@ class SegmentationDataModule(ZooDataModule):
         spacing: float | list | None = None,
         eval_resize: str = "square",
         inference: dict | None = None,
-        bad_images: str = "skip",
+        bad_images: str | None = None,
         num_train: int = 1000,
         num_val: int = 200,
         num_test: int = 200,
@@ -178,10 +178,7 @@ class SegmentationDataModule(ZooDataModule):
             "val": scan_segfolder(root / "val") if has["val"] else [train[i] for i in va],
             "test": scan_segfolder(root / "test") if has["test"] else [train[i] for i in te],
         }
-        kw = dict(num_classes=hp.num_classes, value_map=hp.value_map, in_chans=self.in_chans, bad_images=hp.bad_images)
-        self.train_set = SegFolderDataset(pairs["train"], transform=self._transforms(True), **kw)
-        self.val_set = SegFolderDataset(pairs["val"], transform=self._transforms(False), **kw)
-        self.test_set = SegFolderDataset(pairs["test"], transform=self._transforms(False), **kw)
+        self._seg_sets(pairs["train"], pairs["val"], pairs["test"], hp.value_map)
 
     def _build_standard_seg(self) -> None:
         hp, sp = self.hparams, self._standard()
@@ -190,8 +187,16 @@ class SegmentationDataModule(ZooDataModule):
             tr, va, _ = split_indices(len(train), None, need_val=True, need_test=False,
                                       val_fraction=hp.val_fraction, test_fraction=hp.test_fraction, seed=hp.seed)
             train, val = [sp.train[i] for i in tr], [sp.train[i] for i in va]
-        kw = dict(num_classes=hp.num_classes, value_map=hp.value_map or sp.value_map, in_chans=self.in_chans,
-                  bad_images=hp.bad_images)
-        self.train_set = SegFolderDataset(train, transform=self._transforms(True), **kw)
-        self.val_set = SegFolderDataset(val, transform=self._transforms(False), **kw)
-        self.test_set = SegFolderDataset(sp.test, transform=self._transforms(False), **kw)
+        self._seg_sets(train, val, sp.test, hp.value_map or sp.value_map)
+
+    def _seg_sets(self, train, val, test, value_map) -> None:
+        """``bad_images``: unset = skip (replace and count) in training, error in val/test; ``skip`` also
+        leaves unreadable val/test pairs out (counted as ``val/skipped``, ``test/skipped``), never replaced."""
+        hp = self.hparams
+        kw = dict(num_classes=hp.num_classes, value_map=value_map, in_chans=self.in_chans)
+        b = hp.bad_images
+        self.train_set = SegFolderDataset(train, transform=self._transforms(True), bad_images=train_policy(b), **kw)
+        self.val_set = SegFolderDataset(val, transform=self._transforms(False), bad_images=eval_policy(b), split="val",
+                                        **kw)
+        self.test_set = SegFolderDataset(test, transform=self._transforms(False), bad_images=eval_policy(b),
+                                         split="test", **kw)

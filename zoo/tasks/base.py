@@ -136,8 +136,19 @@ class ZooTask(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
+    def _stage_loader(self, stage: str):
+        """The DataLoader of ``stage`` ('val' / 'test') the trainer runs now (None outside a trainer)."""
+        trainer = getattr(self, "_trainer", None)
+        loaders = getattr(trainer, f"{stage}_dataloaders", None) if trainer is not None else None
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if len(loaders) == 1 else None
+        return loaders
+
     def _log_epoch_metrics(self, stage: str) -> None:
         values = self.compute_metrics(self.metrics[stage])
+        left_out = getattr(getattr(self._stage_loader(stage), "dataset", None), "left_out", None)
+        if left_out is not None:  # data.bad_images=skip: unreadable items left out of this split's metrics
+            values["skipped"] = torch.tensor(float(len(left_out)), device=self.device)
         # torchmetrics has synced these across DDP ranks already; sync_dist averages equal values (a no-op
         # that keeps Lightning from warning about unsynced epoch-level logs)
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val", sync_dist=True)
