@@ -65,6 +65,10 @@ class MILDataModule(ZooDataModule):
         **common: Any,
     ) -> None:
         super().__init__(dataset=dataset, batch_size=batch_size, **common)
+        # kept out of the saved hyper-parameters: Lightning refuses a datamodule num_classes that differs from
+        # the task's (None when undeclared), and the task stores the real count
+        self.declared_num_classes = self.hparams.pop("num_classes")
+        self._hparams_initial.pop("num_classes", None)  # what Lightning logs and compares
         self._check_dataset()
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
             raise DataFormatError(f"data.class_names has {len(class_names)} names but data.num_classes={num_classes}")
@@ -147,8 +151,8 @@ class MILDataModule(ZooDataModule):
                 declared = [str(i) for i in range(max(int(v) for v in targets) + 1)]
             except ValueError:
                 declared = targets
-        if hp.num_classes is not None:
-            declared = [str(i) for i in range(hp.num_classes)]
+        if self.declared_num_classes is not None:
+            declared = [str(i) for i in range(self.declared_num_classes)]
         if hp.class_names:
             declared = [str(c) for c in hp.class_names]
         return raw, declared
