@@ -258,3 +258,25 @@ def test_evaluate_cli_refuses_an_explicit_default_model_that_is_not_the_checkpoi
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "model=halonet_tiny but the checkpoint" in proc.stdout + proc.stderr and "abmil" in proc.stdout + proc.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_disk_full_while_saving_a_checkpoint_names_it_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    from zoo.callbacks import AtomicCheckpointIO
+    from zoo.errors import ZooError
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+    before = path.read_bytes()
+    real = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        real(obj, f, *args, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(ZooError) as e:
+        io.save_checkpoint({"step": 2}, path)
+    assert str(path) in str(e.value) and "disk is full" in str(e.value)
+    assert path.read_bytes() == before
+    assert no_temp_files(path.parent)
