@@ -1,6 +1,8 @@
 """Evaluate a zoo checkpoint: ``python evaluate.py ckpt_path=PATH [data=NAME] [explain=true explain_dir=DIR]``
 
 The net, its class names and its preprocessing come from the checkpoint; the data from ``cfg.data``.
+A ``model=NAME`` (or an experiment's model) other than the checkpoint's is refused; left at the
+default, the checkpoint's model is used and a warning says so.
 Writes the same flat ``metrics.json`` as train.py, and PNG attention overlays with ``explain=true``.
 """
 from __future__ import annotations
@@ -70,12 +72,48 @@ def _explain_bags(net, dm, bags, mask, max_images):
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images, maps
 
 
+def _model_was_given(cfg: DictConfig) -> bool:
+    """Whether ``model`` was chosen (``model=``, ``model.*=`` or ``experiment=`` on the command line, or a
+    model other than evaluate.yaml's default), rather than left at evaluate.yaml's default."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        keys = {o.lstrip("+~").split("=", 1)[0].split(".", 1)[0].split("@", 1)[0] for o in HydraConfig.get().overrides.task}
+        if keys & {"model", "experiment"}:
+            return True
+    defaults = OmegaConf.to_container(OmegaConf.load(Path(__file__).parent / "configs" / "evaluate.yaml")).get("defaults") or []
+    default = next((d["model"] for d in defaults if isinstance(d, dict) and "model" in d), None)
+    return (cfg.get("model") or {}).get("name") != default
+
+
+def check_model_matches(cfg: DictConfig, ckpt_model: str) -> None:
+    """``model=OTHER`` next to a checkpoint: refused (the net always comes from the checkpoint); the
+    untouched default: a warning naming the model that is used."""
+    from zoo.validate import resolve_model_name
+
+    asked = (cfg.get("model") or {}).get("name")
+    if not asked:
+        return
+    try:
+        same = resolve_model_name(asked) == resolve_model_name(ckpt_model)
+    except ZooError:
+        same = asked == ckpt_model
+    if same:
+        return
+    if _model_was_given(cfg):
+        raise ZooError(f"model={asked} but the checkpoint {cfg.ckpt_path} holds a {ckpt_model}: evaluate.py "
+                       f"evaluates the checkpoint's net, so drop model= (or set model={ckpt_model})")
+    log.warning("evaluating the checkpoint's model %s (%s); model=%s is only evaluate.yaml's default and is not used",
+                ckpt_model, cfg.ckpt_path, asked)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg, training=False)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     task = load_task(cfg.ckpt_path)
+    check_model_matches(cfg, task.hparams.model["name"])
     dm = instantiate(cfg.data, _convert_="all")
     # the checkpoint's input (size, channels, mean/std, crop) unless the user overrides it (logged as such)
     prepare_data(dm, task.hparams.model["name"], stored=stored_input(task.hparams), log=log.warning)

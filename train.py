@@ -25,7 +25,7 @@ from zoo.callbacks import AtomicCheckpointIO, reliability_callbacks
 from zoo.config_store import check_model_overrides, register_model_configs
 from zoo.errors import ZooError
 from zoo.runner import build_task, flat_metrics, prepare_data, print_metrics_table, write_metrics
-from zoo.validate import check_run_config
+from zoo.validate import check_mandatory, check_run_config, missing_keys
 from zoo.weights import safe_load
 
 log = logging.getLogger("zoo.train")
@@ -56,6 +56,7 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def check_config(cfg: DictConfig, training: bool = True) -> None:
+    check_mandatory(missing_keys(cfg))  # data.root, ckpt_path, ...: ??? named with what to set
     sections = {k: container(cfg.get(k)) for k in ("data", "model", "trainer", "optim") if cfg.get(k) is not None}
     if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
         raise ZooError(f"seed={cfg.get('seed')!r} has the wrong type; seed takes an int")

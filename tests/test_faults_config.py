@@ -95,3 +95,77 @@ def test_h5_group_label_past_class_count_names_group(tmp_path):
     with pytest.raises(DataFormatError, match="not one of the declared classes") as e:
         _classes(tmp_path, h5_file="f.h5", class_names=["normal", "tumor"])
     assert str(tmp_path / "f.h5") in str(e.value) and "'slide_3'" in str(e.value)
+
+
+# ---------------------------------------------------------------- item 7: ranges and mandatory values
+@pytest.mark.parametrize("override,message", [
+    ("data.batch_size=0", r"data.batch_size=0 is out of range; data.batch_size must be >= 1"),
+    ("data.num_workers=-1", r"data.num_workers=-1 is out of range; data.num_workers must be >= 0"),
+    ("data.val_fraction=1.5", r"data.val_fraction=1.5 is out of range; data.val_fraction must be in \[0, 1\)"),
+    ("+data.test_fraction=-0.1", r"data.test_fraction=-0.1 is out of range"),
+    ("+data.test_fraction=0.6", r"data.val_fraction=.* and data.test_fraction=0.6 leave nothing to train on"),
+    ("optim.lr=0", r"optim.lr=0 is out of range; optim.lr must be > 0"),
+    ("optim.lr=-0.001", r"optim.lr=-0.001 is out of range"),
+    ("trainer.max_epochs=0", r"trainer.max_epochs=0 is out of range; trainer.max_epochs must be >= 1, or -1"),
+])
+def test_values_out_of_range_are_named_before_data_loads(override, message, compose_cfg, tmp_path):
+    from zoo.validate import ConfigError
+
+    from train import check_config, train
+
+    # the data folder does not exist: the config error must come first
+    extra = ["data.val_fraction=0.5"] if "test_fraction=0.6" in override else []
+    cfg = compose_cfg("train", ["data=imagefolder", f"data.root={tmp_path / 'missing'}", *extra, override])
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+    with pytest.raises(ConfigError, match=message.split(" is out")[0].split(" and")[0]):
+        check_config(compose_cfg("evaluate", ["data=imagefolder", "ckpt_path=x.ckpt",
+                                              f"data.root={tmp_path / 'missing'}", *extra, override]),
+                     training="optim" in override or "trainer" in override)
+
+
+def test_unlimited_epochs_and_zero_fractions_pass(compose_cfg):
+    from train import check_config
+
+    check_config(compose_cfg("train", ["data=imagefolder", "data.root=/x", "trainer.max_epochs=-1",
+                                       "data.val_fraction=0.0", "+data.test_fraction=0.0"]))
+
+
+@pytest.mark.parametrize("config,overrides,keys", [
+    ("train", ["data=imagefolder"], ["data.root"]),
+    ("train", ["data=segfolder", "model=fpn_tiny"], ["data.num_classes", "data.root"]),
+    ("train", ["data=featurebags", "model=abmil"], ["data.labels", "data.root"]),
+    ("evaluate", [], ["ckpt_path"]),
+    ("evaluate", ["data=segfolder", "data.root=/x"], ["ckpt_path", "data.num_classes"]),
+])
+def test_missing_mandatory_value_is_named_with_what_to_set(config, overrides, keys, compose_cfg):
+    from zoo.validate import ConfigError
+
+    from train import check_config
+
+    with pytest.raises(ConfigError, match="no value") as e:
+        check_config(compose_cfg(config, overrides), training=config == "train")
+    msg = str(e.value)
+    assert msg.startswith(", ".join(keys)) and "MissingMandatoryValue" not in msg and "wrong type" not in msg
+    for key in keys:
+        assert f"{key}=" in msg  # what to set, as a command-line override
+    if config == "evaluate":
+        from evaluate import evaluate
+
+        with pytest.raises(ConfigError, match="ckpt_path"):
+            evaluate(compose_cfg(config, overrides))
+
+
+def test_cli_out_of_range_exits_2_with_one_line_naming_the_key(tmp_path):
+    # configs/data/digits.yaml (the default) has no val_fraction key: the data config that has one
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "data=imagefolder", f"data.root={tmp_path / 'missing'}",
+         "data.val_fraction=1.5", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    out = run.stdout + run.stderr
+    assert run.returncode == 2, out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and "data.val_fraction=1.5" in lines[0] and "[0, 1)" in lines[0], out
+    assert "Traceback" not in out and not (tmp_path / "run" / "checkpoints").exists()

@@ -154,3 +154,129 @@ def test_disk_full_while_writing_metrics_keeps_the_previous_file(tmp_path, monke
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"test/acc": 0.5}
     assert no_temp_files(tmp_path)
+
+
+# ---------------------------------------------------------------- 8. weights files that are not what they claim
+@pytest.mark.parametrize("content", ["random", "empty"])
+@pytest.mark.parametrize("where", ["checkpoint", "pretrained_file"])
+def test_random_bytes_are_not_a_checkpoint_not_a_malicious_pickle(content, where, tmp_path):
+    import zoo
+    from zoo.errors import WeightsError
+    from zoo.explain import load_net_from_checkpoint
+
+    path = tmp_path / "weights.ckpt"
+    path.write_bytes(np.random.default_rng(0).bytes(4096) if content == "random" else b"")
+    with pytest.raises(WeightsError) as e:
+        if where == "checkpoint":
+            load_net_from_checkpoint(path)
+        else:
+            zoo.create_model("halonet_tiny", pretrained_file=str(path))
+    msg = str(e.value)
+    assert "is not a checkpoint" in msg and str(path) in msg
+    assert "refused" not in msg and "run or build objects" not in msg
+
+
+def test_truncated_torch_checkpoint_says_truncated(tmp_path):
+    from zoo.errors import WeightsError
+    from zoo.weights import safe_load
+
+    ckpt = tiny_checkpoint(tmp_path)
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match=r"abmil.ckpt.*truncated or corrupt"):
+        safe_load(ckpt)
+
+
+@pytest.mark.parametrize("fault", ["truncated", "torch_file_named_safetensors", "random"])
+def test_bad_safetensors_file_gets_a_clear_error_naming_it(fault, tmp_path):
+    import zoo
+    from safetensors.torch import save_file
+
+    from zoo.errors import WeightsError
+
+    path = tmp_path / "w.safetensors"
+    sd = zoo.create_model("halonet_tiny").state_dict()
+    if fault == "truncated":
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+        path.write_bytes(path.read_bytes()[:-100])
+    elif fault == "random":
+        path.write_bytes(np.random.default_rng(1).bytes(2048))
+    else:
+        torch.save(sd, path)
+    with pytest.raises(WeightsError) as e:
+        zoo.create_model("halonet_tiny", pretrained_file=str(path))
+    msg = str(e.value)
+    assert str(path) in msg
+    if fault == "torch_file_named_safetensors":
+        assert "rename it to .pt" in msg
+    else:
+        assert "not a valid safetensors file" in msg and "truncated or corrupt" in msg
+
+
+# ---------------------------------------------------------------- 8. evaluate.py model= against the checkpoint's
+def test_evaluate_refuses_a_model_other_than_the_checkpoints(compose_cfg, tmp_path):
+    from evaluate import evaluate
+    from zoo.errors import ZooError
+
+    ckpt = tiny_checkpoint(tmp_path, "halonet_tiny", {})
+    with pytest.raises(ZooError, match=r"model=vit_nano but the checkpoint .*halonet_tiny.ckpt holds a halonet_tiny"):
+        evaluate(compose_cfg("evaluate", [f"ckpt_path={ckpt}", "model=vit_nano", "trainer=debug"]))
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_evaluate_with_the_default_model_says_the_checkpoints_model_is_used(compose_cfg, tmp_path, caplog):
+    import logging
+
+    from evaluate import evaluate
+
+    import zoo
+
+    torch.manual_seed(0)
+    net = zoo.create_model("vit_nano", num_classes=10)
+    ckpt = tmp_path / "vit.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                "hyper_parameters": {"model": {"name": "vit_nano", "kwargs": {}}, "num_classes": 10,
+                                     "data_info": {}}}, ckpt)
+    with caplog.at_level(logging.WARNING, logger="zoo.evaluate"):
+        metrics = evaluate(compose_cfg("evaluate", [f"ckpt_path={ckpt}", "data=digits", "trainer=debug"]))
+    assert "test/acc" in metrics
+    assert any("checkpoint's model vit_nano" in r.getMessage() and "halonet_tiny" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_evaluate_cli_refuses_an_explicit_default_model_that_is_not_the_checkpoints(tmp_path):
+    """On the command line even model=halonet_tiny (evaluate.yaml's default, given explicitly) is a choice."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    ckpt = tiny_checkpoint(tmp_path, "abmil")
+    proc = subprocess.run([sys.executable, "evaluate.py", f"ckpt_path={ckpt}", "model=halonet_tiny", "trainer=debug",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model=halonet_tiny but the checkpoint" in proc.stdout + proc.stderr and "abmil" in proc.stdout + proc.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_disk_full_while_saving_a_checkpoint_names_it_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    from zoo.callbacks import AtomicCheckpointIO
+    from zoo.errors import ZooError
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+    before = path.read_bytes()
+    real = torch.save
+
+    def full(obj, f, *args, **kwargs):
+        real(obj, f, *args, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(ZooError) as e:
+        io.save_checkpoint({"step": 2}, path)
+    assert str(path) in str(e.value) and "disk is full" in str(e.value)
+    assert path.read_bytes() == before
+    assert no_temp_files(path.parent)

@@ -5,6 +5,7 @@ a stop on a non-finite loss, and checkpoint files that are replaced atomically.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -25,6 +26,10 @@ log = logging.getLogger("zoo.callbacks")
 
 
 class NonFiniteLossError(ZooError, FloatingPointError):
+    pass
+
+
+class CheckpointWriteError(ZooError, OSError):
     pass
 
 
@@ -137,6 +142,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as e:  # a full disk, a read-only folder: the previous checkpoint stays as it was
+            tmp.unlink(missing_ok=True)
+            cause = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e.strerror or e}"
+            raise CheckpointWriteError(
+                f"could not write checkpoint {path}: {cause}; "
+                f"{'the previous ' + path.name + ' is unchanged' if path.exists() else 'nothing was written'}. "
+                "Free space or point hydra.run.dir at a writable folder, then resume with ckpt_path=last."
+            ) from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

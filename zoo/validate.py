@@ -113,19 +113,105 @@ def check_choice(section: str, key: str, value: Any, choices: list | tuple) -> N
         raise ConfigError(f"{section}.{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
 
 
+# values every run needs that a config leaves as ``???``: what to give on the command line
+MANDATORY_HINTS = {
+    "data.root": "data.root=/path/to/the/dataset (the folder the data config's layout describes)",
+    "data.num_classes": "data.num_classes=N (the number of classes; mask values 0..N-1, 255 = ignore)",
+    "data.labels": "data.labels=labels.csv (the bag_id,label[,split] CSV; relative paths are under data.root)",
+    "ckpt_path": "ckpt_path=PATH/checkpoints/best-....ckpt (a checkpoint of a train run)",
+}
+MISSING = "???"
+
+
+def check_mandatory(missing) -> None:
+    """``missing``: dotted keys without a value (OmegaConf's ``???``) -> one :class:`ConfigError` naming them all
+    and what to set, instead of a ``MissingMandatoryValue`` traceback or a type error about the string ``???``."""
+    missing = sorted(missing)
+    if missing:
+        todo = "; ".join(MANDATORY_HINTS.get(k, f"{k}=VALUE") for k in missing)
+        raise ConfigError(f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no value (??? in the "
+                          f"config); give it on the command line: {todo}")
+
+
+def missing_keys(node, prefix: str = "") -> list[str]:
+    """Dotted keys of an OmegaConf config whose value is ``???``, found without resolving interpolations
+    (``${hydra:...}`` needs a running Hydra app)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    out = []
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node)) if isinstance(node, ListConfig) else []
+    for key in keys:
+        if OmegaConf.is_missing(node, key):
+            out.append(f"{prefix}{key}")
+        elif not OmegaConf.is_interpolation(node, key):
+            out += missing_keys(node[key], f"{prefix}{key}.")
+    return out
+
+
+def _missing_in(section: str, values: dict[str, Any]) -> list[str]:
+    out = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out += _missing_in(f"{section}.{key}", value)
+        elif isinstance(value, str) and value == MISSING:
+            out.append(f"{section}.{key}")
+    return out
+
+
+def _at_least(low: float) -> tuple[Callable[[float], bool], str]:
+    return (lambda v: v >= low), f">= {low}"
+
+
+FRACTION = (lambda v: 0 <= v < 1), "in [0, 1)"
+# (section, key) -> (test, what the value must be); None and non-numbers are left to the type check
+RANGES: dict[tuple[str, str], tuple[Callable[[float], bool], str]] = {
+    ("data", "batch_size"): _at_least(1),
+    ("data", "num_workers"): _at_least(0),
+    ("data", "val_fraction"): FRACTION,
+    ("data", "test_fraction"): FRACTION,
+    ("trainer", "max_epochs"): ((lambda v: v >= 1 or v == -1), ">= 1, or -1 for no limit"),
+    ("optim", "lr"): ((lambda v: v > 0), "> 0"),
+    ("optim", "weight_decay"): _at_least(0),
+    ("optim", "warmup_epochs"): _at_least(0),
+    ("optim", "warmup_lr_ratio"): _at_least(0),
+    ("optim", "min_lr_ratio"): _at_least(0),
+    ("optim", "label_smoothing"): FRACTION,
+}
+
+
+def check_ranges(section: str, values: dict[str, Any]) -> None:
+    """Numbers of ``section`` within :data:`RANGES`, else a :class:`ConfigError` naming the key and its range."""
+    for key, value in values.items():
+        rule = RANGES.get((section, key))
+        if rule is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        ok, want = rule
+        if not ok(value):
+            raise ConfigError(f"{section}.{key}={value!r} is out of range; {section}.{key} must be {want}")
+    if section == "data":
+        fractions = [values.get(k) for k in ("val_fraction", "test_fraction")]
+        if all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in fractions) and sum(fractions) >= 1:
+            raise ConfigError(f"data.val_fraction={fractions[0]!r} and data.test_fraction={fractions[1]!r} "
+                              "leave nothing to train on; together they must be < 1")
+
+
 def check_run_config(cfg: dict[str, Any], *, training: bool = True) -> None:
-    """Validate the sections of a composed train/evaluate config (a plain dict)."""
+    """Validate the sections of a composed train/evaluate config (a plain dict): values present, known keys,
+    types, ranges."""
     import lightning as L
 
     from .data.common import ZooDataModule
     from .registry import get_spec
 
+    check_mandatory([k for section, values in cfg.items() if isinstance(values, dict)
+                     for k in _missing_in(section, values)])
     data = dict(cfg.get("data") or {})
     target = data.get("_target_")
     if not target:
         raise ConfigError("data has no _target_; pick a data config: data=digits, data=imagefolder, ...")
     dm_cls = _import(target)
     check_kwargs("data", dm_cls, data)  # the class: its __init__ and the base options it passes on
+    check_ranges("data", data)
     if isinstance(dm_cls, type) and issubclass(dm_cls, ZooDataModule) and dm_cls.DATASETS and "dataset" in data:
         check_choice("data", "dataset", data["dataset"], sorted(dm_cls.DATASETS))
 
@@ -140,6 +226,7 @@ def check_run_config(cfg: dict[str, Any], *, training: bool = True) -> None:
 
     trainer = dict(cfg.get("trainer") or {})
     check_kwargs("trainer", L.Trainer.__init__, trainer, skip=("callbacks", "logger", "plugins", "default_root_dir"))
+    check_ranges("trainer", trainer)
 
     if training and cfg.get("optim") is not None:
         from .tasks.base import DEFAULT_OPTIM
@@ -154,6 +241,7 @@ def check_run_config(cfg: dict[str, Any], *, training: bool = True) -> None:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ConfigError(f"optim.{key}={value!r} has the wrong type ({type(value).__name__}); "
                                       "it takes a number")
+        check_ranges("optim", dict(cfg["optim"]))
 
 
 def resolve_model_name(name: str) -> str:
