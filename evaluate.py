@@ -8,18 +8,19 @@ Writes the same flat ``metrics.json`` as train.py, and PNG attention overlays wi
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from train import build_loggers, check_config, container, trainer_kwargs
+from train import build_loggers, check_config, run_guarded, trainer_kwargs
 from zoo.contract import capabilities, overlay_style
 from zoo.errors import ZooError
+from zoo.runlock import run_dir_lock
 from zoo.spec import stored_input
 from zoo.runner import flat_metrics, load_task, prepare_data, print_metrics_table, write_metrics
 
@@ -111,12 +112,23 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg, training=False)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank != 0:  # DDP: rank 0 holds the folder
+        return _evaluate(cfg, out_dir)
+    with run_dir_lock(out_dir):  # another run writing into this folder stops this one, naming it
+        return _evaluate(cfg, out_dir)
+
+
+def _evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     task = load_task(cfg.ckpt_path)
     check_model_matches(cfg, task.hparams.model["name"])
     dm = instantiate(cfg.data, _convert_="all")
     # the checkpoint's input (size, channels, mean/std, crop) unless the user overrides it (logged as such)
     prepare_data(dm, task.hparams.model["name"], stored=stored_input(task.hparams), log=log.warning)
+    stored_kwargs = dict(task.hparams.model.get("kwargs") or {})
+    odd = {k: (stored_kwargs[k], v) for k, v in dm.model_kwargs().items() if k in stored_kwargs and v != stored_kwargs[k]}
+    if odd:  # e.g. feature bags from another backbone than the checkpoint's net was trained on
+        raise ZooError(f"data '{cfg.data.dataset}' does not fit the checkpoint's net: "
+                       + ", ".join(f"{k}={v} in the data, {k}={c} in {cfg.ckpt_path}" for k, (c, v) in odd.items()))
     if dm.num_classes != task.num_classes:
         raise ZooError(f"the checkpoint has {task.num_classes} classes but data '{cfg.data.dataset}' has "
                        f"{dm.num_classes}; evaluate on the data it was trained for")
@@ -138,11 +150,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except ZooError as e:
-        log.error("%s", e)
-        sys.exit(2)
+    run_guarded(evaluate, cfg)
 
 
 if __name__ == "__main__":

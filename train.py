@@ -24,9 +24,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from zoo.callbacks import AtomicCheckpointIO, reliability_callbacks
 from zoo.config_store import check_model_overrides, register_model_configs
 from zoo.errors import ZooError
+from zoo.runlock import check_run_dir_free, check_run_dir_writable, run_dir_lock
 from zoo.runner import build_task, flat_metrics, prepare_data, print_metrics_table, write_metrics
 from zoo.validate import check_mandatory, check_run_config, missing_keys
-from zoo.weights import safe_load
+from zoo.weights import atomic_write, safe_load
 
 log = logging.getLogger("zoo.train")
 
@@ -118,9 +119,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_resume(cfg)
     out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if rank_zero_only.rank == 0:  # DDP: every rank runs this script; one writes
-        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    check_run_dir_writable(out_dir)  # a read-only or missing-permission folder: named, before anything runs
+    if rank_zero_only.rank != 0:  # DDP: every rank runs this script; rank 0 holds the folder and writes
+        return _fit_and_test(cfg, ckpt_path, out_dir)
+    with run_dir_lock(out_dir):  # a second run into this folder stops here, naming this one
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+        atomic_write(out_dir / "config.yaml", lambda tmp: tmp.write_text(text), what="the run's config")
+        return _fit_and_test(cfg, ckpt_path, out_dir)
+
+
+def _fit_and_test(cfg: DictConfig, ckpt_path: str | None, out_dir: Path) -> dict[str, float]:
 
     dm = instantiate(cfg.data, _convert_="all")
     prepare_data(dm, cfg.model.name)
@@ -152,15 +160,27 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> None:
+def run_guarded(fn, cfg: DictConfig) -> None:
+    """Run ``fn(cfg)`` with the documented exit codes: 2 for an error the zoo names (one line), 143 on
+    SIGTERM and 130 on Ctrl-C (128 + the signal; during training ``last.ckpt`` is saved first)."""
     try:
-        train(cfg)
+        fn(cfg)
     except ZooError as e:
         log.error("%s", e)
         sys.exit(2)
     except SIGTERMException:  # pre-empted: last.ckpt is saved; a non-zero status tells the scheduler
         sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:  # Ctrl-C outside Lightning's fit/test
+        sys.exit(128 + signal.SIGINT)
+    except SystemExit as e:  # Lightning's graceful Ctrl-C shutdown exits 1: say it was SIGINT
+        if isinstance(e.__context__, KeyboardInterrupt):
+            sys.exit(128 + signal.SIGINT)
+        raise
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    run_guarded(train, cfg)
 
 
 def run_cli(hydra_main) -> None:
@@ -168,6 +188,10 @@ def run_cli(hydra_main) -> None:
     one-line error and its close names (Hydra's own lists every option), exit code 2."""
     try:
         check_model_overrides(sys.argv[1:])
+        for arg in sys.argv[1:]:  # before Hydra writes its .hydra/ files into a folder another run holds
+            if arg.startswith("hydra.run.dir=") and "${" not in arg:
+                check_run_dir_writable(arg.split("=", 1)[1])
+                check_run_dir_free(arg.split("=", 1)[1])
     except ZooError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

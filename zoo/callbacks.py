@@ -5,9 +5,7 @@ a stop on a non-finite loss, and checkpoint files that are replaced atomically.
 """
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -20,12 +18,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from .errors import ZooError
+from .errors import NonFiniteError, WeightsError, ZooError
+from .weights import atomic_write
 
 log = logging.getLogger("zoo.callbacks")
 
 
-class NonFiniteLossError(ZooError, FloatingPointError):
+class NonFiniteLossError(NonFiniteError):
     pass
 
 
@@ -133,31 +132,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if "://" in str(path):  # object stores: Lightning's fsspec path
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as e:  # a full disk, a read-only folder: the previous checkpoint stays as it was
-            tmp.unlink(missing_ok=True)
-            cause = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e.strerror or e}"
-            raise CheckpointWriteError(
-                f"could not write checkpoint {path}: {cause}; "
-                f"{'the previous ' + path.name + ' is unchanged' if path.exists() else 'nothing was written'}. "
-                "Free space or point hydra.run.dir at a writable folder, then resume with ckpt_path=last."
-            ) from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        try:  # make the rename itself durable
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
+
+        try:  # a full disk, a read-only folder: the previous checkpoint stays as it was
+            atomic_write(path, write, what="checkpoint", durable=True, tmp_suffix=False, hint="Free space or point hydra.run.dir at a writable folder, then resume with ckpt_path=last.")
+        except WeightsError as e:
+            raise CheckpointWriteError(str(e)) from None

@@ -37,3 +37,7 @@ class WeightsError(ZooError, RuntimeError):
 
 class ModelArgumentError(ZooError, ValueError):
     """create_model got arguments the model cannot be built with (class count, unknown kwargs, sizes)."""
+
+
+class NonFiniteError(ZooError, FloatingPointError):
+    """A NaN or inf where a number must be finite: a training loss, an evaluation input, output or loss."""

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import DuplicateModelError, ModelArgumentError, UnknownModelError, WeightsError, ZooError
+from .errors import DuplicateModelError, InputSizeError, ModelArgumentError, UnknownModelError, WeightsError, ZooError
 from .spec import IMAGENET_MEAN, IMAGENET_STD, TASKS, Metric, ModelSpec, Reference, Weights  # noqa: F401
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -68,10 +68,24 @@ def list_models(pattern: str = "*", task: str | None = None) -> list[str]:
     return sorted(n for n, s in _REGISTRY.items() if fnmatch.fnmatch(n, pattern) and (task is None or s.task == task))
 
 
-def _size_check_hook(spec: ModelSpec):
+def _input_check_hook(spec: ModelSpec):
+    """Before the forward pass: a batch ``[B, C, H, W]`` with the net's channel count and a legal size,
+    or an error naming the expected shape (not a conv's or a reshape's message from deep inside)."""
+    chans, sized = spec.input_size[0], spec.size_divisor > 1 or spec.fixed_input_size or spec.min_size > 1
+
     def hook(module: nn.Module, args: tuple) -> None:
-        if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 4:
-            spec.check_input_size(args[0].shape)
+        if not args or not isinstance(args[0], torch.Tensor):
+            return
+        shape = tuple(args[0].shape)
+        if len(shape) != 4:
+            fix = " (one image: x.unsqueeze(0))" if len(shape) == 3 else ""
+            raise InputSizeError(f"{spec.name} takes a batch of images [B, {chans}, H, W]; got a {len(shape)}-d "
+                                 f"tensor of shape {list(shape)}{fix}")
+        if shape[1] != chans:
+            raise InputSizeError(f"{spec.name} was built for {chans}-channel images [B, {chans}, H, W]; got "
+                                 f"{list(shape)}. Convert the images, or build it with in_chans={shape[1]}.")
+        if sized:
+            spec.check_input_size(shape)
 
     return hook
 
@@ -129,8 +143,8 @@ def create_model(
     if spec.task == "classification":
         model.pretrained_cfg = built.pretrained_cfg(num_classes=model.num_classes)
         model.default_cfg = model.pretrained_cfg
-    if spec.task != "mil" and (built.size_divisor > 1 or built.fixed_input_size or built.min_size > 1):
-        model.register_forward_pre_hook(_size_check_hook(built))
+    if spec.task != "mil":
+        model.register_forward_pre_hook(_input_check_hook(built))
     if features_only:
         return feature_extractor(model, built, out_indices)
     return model

@@ -69,16 +69,21 @@ def _load_safetensors(path: Path, map_location) -> dict:
                            "(compare its size with the original, download or copy it again)") from None
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], object], *, what: str = "file") -> None:
+def atomic_write(path: str | Path, write: Callable[[Path], object], *, what: str = "file", durable: bool = False,
+                 tmp_suffix: bool = True, hint: str = "Free space or choose a writable folder, then run again.") -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then ``os.replace`` it onto ``path``: a reader
     sees the old file or the new one, never half of one. On any failure the temporary file is removed
     and ``path`` is untouched; a write error (disk full, read-only folder) is a :class:`WeightsError`
-    naming ``path`` and the cause. ``write`` gets the temporary path (with ``path``'s suffix)."""
+    naming ``path`` and the cause. ``write`` gets the temporary path (with ``path``'s suffix).
+    ``durable=True`` also fsyncs the file before the rename and the folder after it (checkpoints);
+    ``tmp_suffix=False`` gives the temporary file no suffix (so a ``*.ckpt`` glob never sees one)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix if tmp_suffix else ''}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -87,10 +92,23 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], *, what: str
             else f"{type(e).__name__}: {e.strerror or e}")
         raise WeightsError(f"could not write {what} {path}: {cause} ({e.strerror or e}); "
                            f"{'the previous file is unchanged' if path.exists() else 'nothing was written'}. "
-                           "Free space or choose a writable folder, then run again.") from None
+                           + hint) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if durable:  # make the rename itself durable
+        try:
+            _fsync(path.parent)
+        except OSError:
+            pass
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:

@@ -133,6 +133,7 @@ class FeatureBagDataset(Dataset):
         self.root = Path(root)
         self.bag_ids, self.labels = list(bag_ids), list(labels)
         self.in_dim = in_dim
+        self.in_dim_source = "other bags"  # who set in_dim, for the error when a bag differs
         pt, h5 = self.root / "pt_files", self.root / "h5_files"
         self.files: list[Path] = []
         for b in self.bag_ids:
@@ -173,9 +174,38 @@ class FeatureBagDataset(Dataset):
             x = x[0]
         if x.ndim != 2:
             raise DataFormatError(f"{path}: features of shape {tuple(x.shape)}; expected N x D")
-        if self.in_dim is not None and x.shape[1] != self.in_dim:
-            raise DataFormatError(f"{path}: feature size {x.shape[1]}, but other bags have {self.in_dim}")
+        self._check_features(i, x, str(path))
         return x.float()
+
+    def _check_features(self, i: int, x: torch.Tensor, where: str) -> None:
+        if self.in_dim is not None and x.shape[1] != self.in_dim:
+            raise DataFormatError(f"bag {self.bag_ids[i]!r} ({where}) has feature size {x.shape[1]}, but the "
+                                  f"{self.in_dim_source} have {self.in_dim}; was it extracted with another backbone?")
+        bad = ~torch.isfinite(x.float()).all(1)
+        if bool(bad.any()):
+            rows = bad.nonzero()[:, 0].tolist()
+            raise DataFormatError(f"bag {self.bag_ids[i]!r} ({where}) has non-finite (NaN/inf) features in "
+                                  f"{len(rows)} of its {len(x)} instances (rows {rows[:5]}{' ...' if len(rows) > 5 else ''}); "
+                                  "re-extract it or remove it from the labels CSV")
+
+    def item_names(self, indices) -> list[str]:
+        return [f"bag {self.bag_ids[i]!r} ({self.files[i]})" for i in indices]
+
+    def feature_dim(self, i: int) -> int:
+        """Bag ``i``'s feature size D, read without loading its features where the format allows."""
+        path = self.files[i]
+        try:
+            if path.suffix == ".pt":
+                x = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            else:
+                import h5py
+
+                with h5py.File(path, "r") as f:
+                    x = f["features"]
+                    return int(x.shape[-1]) if x.ndim >= 2 else self.features(i).shape[1]
+        except Exception:  # noqa: BLE001 - unreadable or odd: features() raises the error that names it
+            return self.features(i).shape[1]
+        return int(x.shape[-1]) if isinstance(x, torch.Tensor) and x.ndim >= 2 else self.features(i).shape[1]
 
     def coords(self, i: int) -> torch.Tensor | None:
         path = self.root / "h5_files" / f"{self.bag_ids[i]}.h5"
@@ -215,6 +245,7 @@ class H5GroupBagDataset(FeatureBagDataset):
     def __init__(self, path: Path, bag_ids: list[str], labels: list[int], in_dim: int | None = None):
         self.path, self.root = Path(path), Path(path).parent
         self.bag_ids, self.labels, self.in_dim = list(bag_ids), list(labels), in_dim
+        self.in_dim_source = "other bags"
         self.files = [self.path] * len(self.bag_ids)
 
     def _read(self, i: int, key: str):
@@ -224,12 +255,18 @@ class H5GroupBagDataset(FeatureBagDataset):
             group = f[self.bag_ids[i]]
             return group[key][()] if key in group else None
 
+    def feature_dim(self, i: int) -> int:
+        import h5py
+
+        with h5py.File(self.path, "r") as f:
+            shape = f[self.bag_ids[i]]["feat"].shape
+        return int(shape[-1]) if len(shape) == 2 else self.features(i).shape[1]
+
     def features(self, i: int) -> torch.Tensor:
         x = torch.from_numpy(self._read(i, "feat"))
         if x.ndim != 2 or x.shape[0] == 0:
             raise DataFormatError(f"{self.path}:{self.bag_ids[i]}/feat has shape {tuple(x.shape)}; expected N x D, N > 0")
-        if self.in_dim is not None and x.shape[1] != self.in_dim:
-            raise DataFormatError(f"{self.path}:{self.bag_ids[i]}: feature size {x.shape[1]}, other bags have {self.in_dim}")
+        self._check_features(i, x, f"{self.path}:{self.bag_ids[i]}")
         return x.float()
 
     def coords(self, i: int) -> torch.Tensor | None:

@@ -54,6 +54,8 @@ def to_8bit(im: Image.Image) -> Image.Image:
         return im
     arr = np.asarray(im)
     if im.mode == "F":
+        if not np.isfinite(arr).all():  # read as unreadable: an error in val/test, or left out with 'skip'
+            raise ValueError(f"{int((~np.isfinite(arr)).sum())} non-finite (NaN/inf) pixel values")
         top = 1.0
     elif im.mode == "I" and arr.size and arr.max() > 65535:
         top = 2.0**31 - 1  # genuinely 32-bit data

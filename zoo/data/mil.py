@@ -5,6 +5,8 @@ zero padded; ``mask`` is ``bool [B, Nmax]``, True for real instances; ``label`` 
 """
 from __future__ import annotations
 
+import collections
+
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,7 @@ class MILDataModule(ZooDataModule):
         if not 0 <= target_digit <= 9:
             raise ValueError(f"target_digit must be a digit 0..9, got {target_digit}")
         self._in_dim: int | None = None
+        self._in_dim_source = "other bags"
         self._table = None
 
     # ------------------------------------------------------------------ featurebags table
@@ -187,7 +190,13 @@ class MILDataModule(ZooDataModule):
             return None
         if self._in_dim is None:
             ids, y, *_ = self._read_table()
-            self._in_dim = self._dataset(ids[:1], y[:1]).features(0).shape[1]
+            # the size most of a few bags spread over the table have: a bag from another backbone is then
+            # the one named as odd, even when it comes first
+            picks = sorted({round(k * (len(ids) - 1) / 8) for k in range(9)})
+            ds = self._dataset([ids[i] for i in picks], [y[i] for i in picks])
+            dims = collections.Counter(ds.feature_dim(k) for k in range(len(picks)))
+            self._in_dim, count = dims.most_common(1)[0]
+            self._in_dim_source = f"{count} of {len(picks)} bags sampled across the table" if len(picks) > 1 else "first bag"
         return self._in_dim
 
     def model_kwargs(self) -> dict:
@@ -250,5 +259,5 @@ class MILDataModule(ZooDataModule):
         }
         made = {s: self._dataset([ids[i] for i in idx], [y[i] for i in idx]) for s, idx in parts.items()}
         for ds in made.values():
-            ds.in_dim = self.in_dim
+            ds.in_dim, ds.in_dim_source = self.in_dim, self._in_dim_source
         self.train_set, self.val_set, self.test_set = made["train"], made["val"], made["test"]

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..contract import Capabilities, ZooModel
+from ..errors import InputSizeError
 from ..layers import GatedAttention, masked_softmax
 from ..registry import register_model
 from ..spec import Metric, Reference, Weights
@@ -49,6 +50,7 @@ class LeNetInstanceEncoder(nn.Module):
 
     def __init__(self, in_chans: int = 1, out_dim: int = 500):
         super().__init__()
+        self.in_chans = in_chans
         self.features = nn.Sequential(
             nn.Conv2d(in_chans, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),
@@ -137,10 +139,28 @@ class ACMIL(ZooModel, nn.Module):
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))  # the slide classifier
 
     # ------------------------------------------------------------------ pieces
+    def expected_input(self) -> str:
+        if self.encoder is None:
+            return f"[B, N, {self.in_dim}] feature bags"
+        return f"[B, N, {self.encoder.in_chans}, H, W] image bags"
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """A bag batch of the shape this net was built for, or an error naming that shape."""
+        if torch.jit.is_tracing():  # export traces one checked example; sizes are symbolic there
+            return
+        if self.encoder is None:
+            fits, one_bag = x.ndim == 3 and x.shape[-1] == self.in_dim, x.ndim == 2 and x.shape[-1] == self.in_dim
+        else:
+            c = self.encoder.in_chans
+            fits, one_bag = x.ndim == 5 and x.shape[2] == c, x.ndim == 4 and x.shape[1] == c
+        if not fits:
+            fix = " (one bag: x.unsqueeze(0))" if one_bag else (
+                "; feature bags need a net built with in_dim=D" if self.encoder is not None and x.ndim == 3 else "")
+            raise InputSizeError(f"{type(self).__name__} was built for {self.expected_input()}; got {list(x.shape)}{fix}")
+
     def instance_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input(x)
         if x.ndim == 5:
-            if self.encoder is None:
-                raise ValueError(f"{type(self).__name__} was built for feature bags (in_dim set); got image bags [B, N, C, H, W]")
             B, N = x.shape[:2]
             flat = x.flatten(0, 1)
             if mask is None:
@@ -148,8 +168,6 @@ class ACMIL(ZooModel, nn.Module):
             keep = mask.flatten()
             feats = self.encoder(flat[keep])  # padded instances cost nothing
             return feats.new_zeros(B * N, feats.shape[-1]).index_copy(0, keep.nonzero()[:, 0], feats).view(B, N, -1)
-        if self.encoder is not None:
-            raise ValueError(f"{type(self).__name__} was built for image bags; pass in_dim=D to build it for feature bags")
         return self.dimreduction(x)
 
     def _forward(self, x: torch.Tensor, mask: torch.Tensor | None):

@@ -87,6 +87,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as timm_filter
 from torch import nn
 
+from ..layers.pos_embed import check_patch_grid
 from ..contract import Capabilities, ZooModel
 from ..registry import register_model
 from ..spec import Metric, Reference, Weights
@@ -453,6 +454,7 @@ def _create(pretrained: bool, timm_name: str | None, vit_kwargs: dict, **kwargs:
         import timm
 
         backbone = timm.create_model(timm_name, pretrained=pretrained, num_classes=0, **vit_kwargs)
+        check_patch_grid(backbone.patch_embed.img_size, backbone.patch_embed.patch_size)  # timm's own module
     return PromptCAM(backbone=backbone, **own)
 
 

@@ -92,7 +92,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..contract import Capabilities, ZooModel
-from ..layers.pos_embed import check_pos_embed_init, init_sincos_pos_embed_
+from ..layers.pos_embed import check_patch_grid, check_pos_embed_init, init_sincos_pos_embed_
 from ..layers.sparse_attention import (csr_attention, gather_attention, masked_dense_attention, spmm,
                                       topk_indices_nonneg, topk_nonneg)
 from ..registry import register_model
@@ -323,6 +323,7 @@ class Sparsifiner(ZooModel, VisionTransformer):
         norm_eps: float = 1e-6,
     ):
         check_pos_embed_init(pos_embed_init)
+        check_patch_grid(img_size, patch_size)
         num_tokens = (img_size // patch_size) ** 2 + 1
         predictor_kwargs = dict(reduce_n_factor=reduce_n_factor, reduce_c_factor=reduce_c_factor,
                                 share_inout_proj=share_inout_proj, basis_threshold=basis_threshold, coef_topk=coef_topk)

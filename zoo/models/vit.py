@@ -26,7 +26,7 @@ from typing import Any
 from timm.models.vision_transformer import VisionTransformer
 
 from ..contract import ZooModel
-from ..layers.pos_embed import check_pos_embed_init, init_sincos_pos_embed_
+from ..layers.pos_embed import check_patch_grid, check_pos_embed_init, init_sincos_pos_embed_
 from ..registry import register_model
 from ..spec import Metric, Reference, Weights
 
@@ -49,7 +49,9 @@ class ZooVisionTransformer(ZooModel, VisionTransformer):
 def vit_nano_backbone(*, pos_embed_init: str = "sincos", **kwargs: Any) -> ZooVisionTransformer:
     """The ``vit_nano`` network (any timm ``VisionTransformer`` kwargs override the nano shape)."""
     check_pos_embed_init(pos_embed_init)
-    vit = ZooVisionTransformer(**{**NANO_ARCH, **kwargs})
+    arch = {**NANO_ARCH, **kwargs}
+    check_patch_grid(arch["img_size"], arch["patch_size"])
+    vit = ZooVisionTransformer(**arch)
     if pos_embed_init == "sincos":
         init_sincos_pos_embed_(vit.pos_embed, vit.patch_embed.grid_size, vit.embed_dim)
     return vit

@@ -7,6 +7,7 @@ task sums and logs those losses.
 from __future__ import annotations
 
 import abc
+import itertools
 import math
 from typing import Any
 
@@ -16,6 +17,7 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from ..contract import capabilities, no_weight_decay
+from ..errors import NonFiniteError
 from ..registry import create_model
 
 DEFAULT_OPTIM = dict(
@@ -124,17 +126,49 @@ class ZooTask(L.LightningModule):
         """Logits for validation / test (segmentation overrides it with sliding-window inference)."""
         return self.net(x, **kw)
 
-    def _eval_step(self, batch: Any, stage: str) -> None:
+    def _eval_step(self, batch: Any, stage: str, batch_idx: int = 0) -> None:
         x, y, kw = self.unpack(batch)
         logits = self.eval_forward(x, **kw)
-        self.log(f"{stage}/loss", self.criterion(logits, y), prog_bar=stage == "val", batch_size=y.shape[0], sync_dist=True)
+        loss = self.criterion(logits, y)
+        self._check_finite(stage, batch_idx, x, logits, loss)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=y.shape[0], sync_dist=True)
         self.update_metrics(self.metrics[stage], logits, y)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        self._eval_step(batch, "val", batch_idx)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self._eval_step(batch, "test", batch_idx)
+
+    def _check_finite(self, stage: str, batch_idx: int, x: torch.Tensor, logits: torch.Tensor, loss: torch.Tensor) -> None:
+        """A NaN or inf input, output or loss in val/test stops the run naming the files: a metric over
+        them would be computed on numbers that mean nothing (every DDP rank stops together)."""
+        bad = not bool(torch.isfinite(loss).all())
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return
+        rows = ~(torch.isfinite(x.flatten(1)).all(1) & torch.isfinite(logits.flatten(1)).all(1))
+        names = self._batch_item_names(stage, batch_idx)
+        odd = [n for n, r in zip(names, rows.tolist()) if r] or names  # no one row: the whole batch
+        what = "inputs" if not bool(torch.isfinite(x).all()) else "outputs"
+        raise NonFiniteError(
+            f"{stage} loss is {float(loss)} at {stage} batch {batch_idx}: non-finite (NaN/inf) {what} for "
+            f"{', '.join(odd[:8])}{' ...' if len(odd) > 8 else ''}. The {stage} metrics would be meaningless; "
+            "fix or remove those files" + (" (or the checkpoint's weights are not finite)" if what == "outputs" else "")
+        )
+
+    def _batch_item_names(self, stage: str, batch_idx: int) -> list[str]:
+        """The files (or indices) of this rank's ``batch_idx``-th batch of ``stage`` (unshuffled loaders)."""
+        loader = self._stage_loader(stage)
+        sampler = getattr(loader, "batch_sampler", None)
+        indices = next(itertools.islice(iter(sampler), batch_idx, None), None) if sampler is not None else None
+        if indices is None:
+            return [f"{stage} batch {batch_idx}"]
+        dataset = loader.dataset
+        named = getattr(dataset, "item_names", None)
+        return named(indices) if named is not None else [f"{stage} item {i}" for i in indices]
 
     def _stage_loader(self, stage: str):
         """The DataLoader of ``stage`` ('val' / 'test') the trainer runs now (None outside a trainer)."""
