@@ -18,6 +18,10 @@ def _entrypoint(name: str) -> Callable[..., Any]:
                cache_dir: Any = None, **kwargs: Any):
         from .registry import create_model
 
+        if isinstance(pretrained_cfg, dict) and pretrained_cfg.get("source") in ("local-dir", "hf-hub"):
+            from .hub import create_for_timm  # timm.create_model("local-dir:DIR"): the folder's config
+
+            return create_for_timm(name, pretrained_cfg, pretrained, **kwargs)
         overlay = dict(pretrained_cfg_overlay or {})
         if "file" in overlay and pretrained:  # timm's way of naming a local weights file
             kwargs["pretrained_file"] = overlay["file"]
