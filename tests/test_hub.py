@@ -112,8 +112,15 @@ def test_save_refuses_to_overwrite_and_never_the_input(tmp_path, capsys):
         assert main(["save", str(ckpt), "--out", str(target), "--overwrite"]) == 2
         assert "would destroy the input" in " ".join(capsys.readouterr().err.split())
     assert ckpt.is_file()
-    assert main(["save", str(ckpt), "--out", str(out), "--overwrite"]) == 0
+    assert main(["save", str(ckpt), "--out", str(out), "--overwrite"]) == 2  # not a Hub folder: kept
+    assert "not a Hub folder" in " ".join(capsys.readouterr().err.split()) and (out / "keep.txt").is_file()
+    (out / "keep.txt").unlink()
+    assert main(["save", str(ckpt), "--out", str(out)]) == 0  # an empty folder is fine
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    assert main(["save", str(ckpt), "--out", str(out), "--overwrite"]) == 0  # a Hub folder, replaced
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert (out / "model.safetensors").stat().st_mtime_ns >= before
+    assert main(["save", f"local-dir:{out}", "--out", str(out), "--overwrite"]) == 2  # its own input
     assert main(["save", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
 
@@ -185,3 +192,18 @@ def test_hf_hub_without_network_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr("zoo.hub.reachable", lambda timeout=3.0: "huggingface.co cannot be reached (gaierror)")
     with pytest.raises(ZooError, match=r"the Hub cannot be reached \(huggingface.co cannot be reached"):
         load_net_from_checkpoint("hf-hub:me/net")
+
+
+def test_save_pretrained_from_python_checks_the_folder_rebuilds_the_net(tmp_path):
+    torch.manual_seed(0)
+    net = zoo.create_model("vit_nano", num_classes=4, img_size=64).eval()
+    with pytest.raises(ZooError, match="pass the model_kwargs the net was built with"):
+        zoo.save_pretrained(net, tmp_path / "bad")  # without img_size=64 the folder would build another net
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.iterdir())
+    out = zoo.save_pretrained(net, tmp_path / "good", model_kwargs={"img_size": 64})
+    loaded = zoo.create_model(f"local-dir:{out}")
+    assert loaded.pretrained_cfg["input_size"] == [3, 64, 64] and "label_names" not in loaded.pretrained_cfg
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), net(x))
+    assert "No measured metrics" in (out / "README.md").read_text()

@@ -125,13 +125,14 @@ def _fresh_load(name: str, num_classes: int | None, kwargs: dict, sd: dict) -> N
 
 
 def check_output_folder(out: str | Path, inputs: dict[str, Any], overwrite: bool) -> Path:
-    """Refuse an output folder that is or holds one of ``inputs`` (always), a file, or a non-empty folder
-    (unless ``overwrite``)."""
+    """Refuse an output folder that is or holds one of ``inputs`` (always), a file, a non-empty folder
+    (unless ``overwrite``) and a non-empty folder that is no Hub folder (always: ``overwrite`` replaces the
+    whole folder, so a mistyped path must not cost a folder of other files)."""
     out = Path(out)
     for what, src in inputs.items():
-        if not src or str(src).startswith(PREFIXES):
+        if not src or str(src).startswith("hf-hub:"):
             continue
-        src_path = Path(src).resolve()
+        src_path = Path(str(src).removeprefix("local-dir:")).resolve()
         if src_path == out.resolve() or out.resolve() in src_path.parents:
             raise HubError(f"the output {out} is or holds the {what} {src}: writing it would destroy the input; "
                            "give another output folder")
@@ -140,6 +141,9 @@ def check_output_folder(out: str | Path, inputs: dict[str, Any], overwrite: bool
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise HubError(f"the output folder {out} already exists and is not empty; pass --overwrite "
                        "(overwrite=True) to replace it, or give another folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG).is_file():
+        raise HubError(f"the output folder {out} holds other files and no {CONFIG}: it is not a Hub folder, and "
+                       "--overwrite replaces only Hub folders; give an empty or new folder")
     return out
 
 
@@ -278,7 +282,7 @@ def _build(folder: Path, config: dict, *, num_classes: int | None = None, weight
         cfg["label_names"] = list(config["label_names"])
     else:
         cfg.pop("label_names", None)
-    cfg["file"] = str(folder)
+    cfg.update(source="local-dir", file=str(folder))  # as timm's local-dir: loading leaves it
     net.pretrained_cfg = net.default_cfg = cfg
     return net
 

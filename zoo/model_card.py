@@ -69,7 +69,9 @@ def _gflops(net: nn.Module, spec, info: dict) -> str | None:
         from .bench import _count_gmacs
         from .spec import example_input
 
+        was_training = net.training
         measured = _count_gmacs(net.eval(), example_input(spec, info, batch_size=1))
+        net.train(was_training)
         side = info.get("img_size") or spec.input_size[-1]
         text = f"{measured:.3g} at {side}x{side} (measured, multiply-adds)"
     except Exception:  # noqa: BLE001 - an op the counter cannot run: the reference number alone
