@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import zoo
+import zoo.hf
 from zoo.errors import ZooError
 from zoo.explain import load_net_from_checkpoint
 
@@ -171,25 +172,25 @@ def test_push_fails_at_once_without_token_or_network(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
     with pytest.raises(ZooError, match="no Hugging Face token"):
-        zoo.hub.push(ckpt, "me/net")
+        zoo.hf.push(ckpt, "me/net")
     monkeypatch.setenv("HF_TOKEN", "hf_fake")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ZooError, match="the Hub cannot be reached .*HF_HUB_OFFLINE"):
-        zoo.hub.push(ckpt, "me/net")
+        zoo.hf.push(ckpt, "me/net")
     with pytest.raises(ZooError, match="cannot download hf-hub:me/net: the Hub cannot be reached"):
         zoo.create_model("hf-hub:me/net")
     with pytest.raises(ZooError, match="ORG/NAME"):
-        zoo.hub.push(ckpt, "no-org")
+        zoo.hf.push(ckpt, "no-org")
     assert main(["push", str(ckpt), "--repo", "me/net", "--dry-run", str(tmp_path / "dry")]) == 0
     assert sorted(p.name for p in (tmp_path / "dry").iterdir()) == ["README.md", "config.json", "model.safetensors"]
-    monkeypatch.setattr("zoo.hub._hf", lambda: (_ for _ in ()).throw(zoo.hub.HubError("needs huggingface_hub")))
+    monkeypatch.setattr("zoo.hf._hf", lambda: (_ for _ in ()).throw(zoo.hub.HubError("needs huggingface_hub")))
     assert main(["push", str(ckpt), "--repo", "me/net"]) == 2
 
 
 def test_hf_hub_without_network_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr("zoo.hub.reachable", lambda timeout=3.0: "huggingface.co cannot be reached (gaierror)")
+    monkeypatch.setattr("zoo.hf.reachable", lambda timeout=3.0: "huggingface.co cannot be reached (gaierror)")
     with pytest.raises(ZooError, match=r"the Hub cannot be reached \(huggingface.co cannot be reached"):
         load_net_from_checkpoint("hf-hub:me/net")
 

@@ -390,7 +390,7 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push
+    from .hf import push
 
     r = push(args.ckpt, args.repo, private=args.private, dry_run=args.dry_run, overwrite=args.overwrite)
     if r["url"] is None:
