@@ -208,3 +208,27 @@ def test_save_pretrained_from_python_checks_the_folder_rebuilds_the_net(tmp_path
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), net(x))
     assert "No measured metrics" in (out / "README.md").read_text()
+
+
+def test_hf_hub_names_load_the_downloaded_folder(tmp_path, monkeypatch):
+    """The Hub stands in as a local folder (no network here): hf_hub_download returns its files."""
+    import timm
+    import timm.models._hub
+
+    ckpt, net = fake_run(tmp_path)
+    repo = zoo.hub.save_checkpoint(ckpt, tmp_path / "hub")
+    asked = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename, kwargs.get("revision")))
+        return str(repo / filename)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("zoo.hf.reachable", lambda timeout=3.0: None)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", fake_download)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(zoo.create_model("hf-hub:me/net@v1").eval()(x), net(x))
+        assert torch.equal(timm.create_model("hf-hub:me/net", pretrained=True).eval()(x), net(x))
+    assert ("me/net", "model.safetensors", "v1") in asked
