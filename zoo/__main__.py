@@ -1,4 +1,4 @@
-"""The zoo's command line: ``python -m zoo list|info|bench|explain`` (console script: ``zoo``).
+"""The zoo's command line: ``python -m zoo list|info|bench|explain|export|save|push`` (console script: ``zoo``).
 
   python -m zoo list 'halonet*' --task classification [--json]
   python -m zoo info halonet_tiny
@@ -6,6 +6,8 @@
   python -m zoo bench 'halonet*' timm:resnet18 --img-size 64 --batch-size 8 --train [--json]
   python -m zoo explain --model biformer_tiny --pretrained-file w.safetensors cat.jpg --out maps/
   python -m zoo explain --ckpt outputs/.../best.ckpt img1.png img2.png --out maps/ [--top-traits 4]
+  python -m zoo save outputs/.../checkpoints/best.ckpt --out my-net/ [--overwrite]   # a Hub folder
+  python -m zoo push outputs/.../checkpoints/best.ckpt --repo ORG/NAME [--private] [--dry-run DIR]
 
 Errors the zoo raises on purpose (``zoo.ZooError``) print as one red line and exit with code 2.
 """
@@ -276,7 +278,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description="Attention Zoo: list, inspect, benchmark and explain models.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{list,info,bench,explain,extract-features,export}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{list,info,bench,explain,extract-features,export,save,push}")
 
     s = sub.add_parser("list", help="registered models, with task, parameters and input size")
     s.add_argument("pattern", nargs="?", default="*", help="wildcard over names, e.g. 'halonet*'")
@@ -361,7 +363,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--opset", type=int, default=17, help="ONNX opset")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output file (never the checkpoint)")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("save", help="write a checkpoint's net as a Hub folder (config.json, model.safetensors, README.md)")
+    s.add_argument("ckpt", metavar="CKPT", help="a zoo (Lightning) checkpoint; its run's config.yaml and metrics.json go in the card")
+    s.add_argument("--out", required=True, help="output folder (load it with zoo.create_model('local-dir:DIR'))")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder (never the checkpoint)")
+    s.set_defaults(func=cmd_save)
+
+    s = sub.add_parser("push", help="upload a checkpoint's Hub folder to the Hugging Face Hub")
+    s.add_argument("ckpt", metavar="CKPT", help="a zoo (Lightning) checkpoint")
+    s.add_argument("--repo", required=True, help="ORG/NAME on the Hub (created if missing)")
+    s.add_argument("--private", action="store_true", help="create the repository as private")
+    s.add_argument("--dry-run", metavar="DIR", default=None, help="write the folder to DIR and upload nothing")
+    s.add_argument("--overwrite", action="store_true", help="with --dry-run: replace an existing DIR")
+    s.set_defaults(func=cmd_push)
     return p
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    from .hub import save_checkpoint
+
+    out = save_checkpoint(args.ckpt, args.out, overwrite=args.overwrite)
+    _console().print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))}); load it with "
+                     f"zoo.create_model(\"local-dir:{out}\")", soft_wrap=True, highlight=False)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hf import push
+
+    r = push(args.ckpt, args.repo, private=args.private, dry_run=args.dry_run, overwrite=args.overwrite)
+    if r["url"] is None:
+        _console().print(f"dry run: would upload {', '.join(r['files'])} from {r['folder']} to {r['repo']}",
+                         soft_wrap=True, highlight=False)
+    else:
+        _console().print(f"pushed {', '.join(r['files'])} to {r['url']}; load it with "
+                         f"zoo.create_model(\"hf-hub:{r['repo']}\")", soft_wrap=True, highlight=False)
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

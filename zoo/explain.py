@@ -221,7 +221,8 @@ def save_attention_maps(
 
 # ---------------------------------------------------------------------------------------- checkpoints
 def load_net_from_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the network of a Lightning checkpoint written by a zoo task module.
+    """Rebuild the network of a Lightning checkpoint written by a zoo task module, or of a Hub folder
+    (a folder path, ``local-dir:DIR`` or ``hf-hub:ORG/NAME``; :func:`zoo.hub.load_folder`).
 
     The checkpoint is read with ``torch.load(weights_only=True)`` (no code runs); its
     ``hyper_parameters`` must hold ``model = {"name": ..., "kwargs": {...}}`` (or just the name) and
@@ -229,9 +230,12 @@ def load_net_from_checkpoint(path: str | Path, map_location: str | torch.device 
     ``(net in eval mode, hyper_parameters)``. Raises :class:`zoo.WeightsError` when the file is not
     such a checkpoint or its weights do not fit the rebuilt network.
     """
+    from .hub import is_hub_source, load_folder
     from .registry import create_model
     from .weights import safe_load
 
+    if is_hub_source(path):
+        return load_folder(path, map_location=map_location)
     ckpt = safe_load(path, map_location=map_location)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise WeightsError(f"{path} is not a Lightning checkpoint (no 'state_dict'); for a plain weights "

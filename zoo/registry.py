@@ -109,8 +109,13 @@ def create_model(
     size; ``in_chans=`` for another channel count. ``features_only=True`` returns timm's
     ``FeatureGetterNet`` over the net's ``forward_intermediates`` (maps at ``out_indices``, with
     ``feature_info``). The net carries its spec (``zoo_spec``) and, for classification, timm's
-    ``pretrained_cfg`` / ``default_cfg``.
+    ``pretrained_cfg`` / ``default_cfg``. ``local-dir:DIR`` / ``hf-hub:ORG/NAME`` build a saved net
+    with its weights, classes and preprocessing (:mod:`zoo.hub`).
     """
+    if isinstance(name, str) and name.startswith(("local-dir:", "hf-hub:")):
+        from .hub import create_from_hub
+
+        return create_from_hub(name, pretrained, num_classes, pretrained_file, features_only, out_indices, **kwargs)
     spec = get_spec(name)
     if num_classes is not None:
         least = 0 if spec.task == "classification" else 1  # timm's num_classes=0: no classifier

@@ -65,8 +65,11 @@ def data_info(dm: Any) -> dict:
 
 
 def init_from_checkpoint(net: nn.Module, path: str) -> list[str]:
-    """Copy weights from a zoo (Lightning) checkpoint; a head of another class count is re-initialised."""
-    return load_into(net, extract_state_dict(safe_load(path)), source=path)
+    """Copy weights from a zoo (Lightning) checkpoint or Hub folder; a head of another class count is re-initialised."""
+    from .hub import folder_state_dict, is_hub_source
+
+    sd = folder_state_dict(path) if is_hub_source(path) else extract_state_dict(safe_load(path))
+    return load_into(net, sd, source=str(path))
 
 
 def build_task(model_cfg: dict, dm: Any, optim: dict | None = None, init_from: str | None = None) -> ZooTask:

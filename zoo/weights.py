@@ -185,7 +185,12 @@ def download_weights(url: str) -> Path:
 def load_pretrained_file(
     model: nn.Module, path: str | Path, checkpoint_filter: Callable[[dict, nn.Module], dict] | None = None
 ) -> list[str]:
-    """Load a timm, official or zoo weights file into ``model``; returns the keys re-initialised."""
+    """Load a timm, official or zoo weights file (or a zoo Hub folder's weights) into ``model``; returns the
+    keys re-initialised."""
+    from .hub import folder_state_dict, is_hub_source
+
+    if is_hub_source(path):  # zoo keys already: no official-key filter
+        return load_into(model, folder_state_dict(path), source=str(path))
     sd = extract_state_dict(safe_load(path))
     if checkpoint_filter is not None:
         sd = checkpoint_filter(sd, model)
