@@ -122,6 +122,47 @@ def encode_labels(raw: list[str], class_names: list[str] | None = None,
     return ints, [str(i) for i in range(max(ints) + 1)]
 
 
+def read_bag_features(path: Path, bag_id: str, in_dim: int | None = None) -> torch.Tensor:
+    """One bag file -> float ``[N, D]``: a ``.pt`` tensor (``weights_only``) or an ``.h5`` ``features``
+    dataset; an unreadable, empty or misshapen file is a :class:`DataFormatError` naming it."""
+    path = Path(path)
+    try:
+        if path.suffix == ".pt":
+            x = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(x, torch.Tensor):
+                raise DataFormatError(f"{path} holds a {type(x).__name__}; expected a tensor N x D")
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                if "features" not in f:
+                    raise DataFormatError(f"{path} has no 'features' dataset (has {list(f)})")
+                x = torch.from_numpy(f["features"][()])
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
+        if isinstance(e, DataFormatError):
+            raise
+        # truncated h5 / pt, or a pickle that wants to run code: name the file, not torch's internals
+        raise DataFormatError(f"bag {bag_id!r}: cannot read {path} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); is it truncated or corrupt?") from None
+    if x.numel() == 0:
+        raise DataFormatError(f"bag {bag_id!r} is empty (0 instances in {path})")
+    if x.ndim == 3 and x.shape[0] == 1:  # some pipelines save [1, N, D]
+        x = x[0]
+    if x.ndim != 2:
+        raise DataFormatError(f"{path}: features of shape {tuple(x.shape)}; expected N x D")
+    if in_dim is not None and x.shape[1] != in_dim:
+        raise DataFormatError(f"{path}: feature size {x.shape[1]}, but other bags have {in_dim}")
+    return x.float()
+
+
+def read_bag_coords(path: Path) -> torch.Tensor | None:
+    """The ``coords`` (``N x 2``, tile x and y) of an ``.h5`` bag file; None when it has none."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return torch.from_numpy(f["coords"][()]) if "coords" in f else None
+
+
 class FeatureBagDataset(Dataset):
     """Pre-extracted instance features per bag; items are ``(float [N, D], label)``.
 
@@ -148,43 +189,11 @@ class FeatureBagDataset(Dataset):
         return len(self.bag_ids)
 
     def features(self, i: int) -> torch.Tensor:
-        path = self.files[i]
-        try:
-            if path.suffix == ".pt":
-                x = torch.load(path, map_location="cpu", weights_only=True)
-                if not isinstance(x, torch.Tensor):
-                    raise DataFormatError(f"{path} holds a {type(x).__name__}; expected a tensor N x D")
-            else:
-                import h5py
-
-                with h5py.File(path, "r") as f:
-                    if "features" not in f:
-                        raise DataFormatError(f"{path} has no 'features' dataset (has {list(f)})")
-                    x = torch.from_numpy(f["features"][()])
-        except (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
-            if isinstance(e, DataFormatError):
-                raise
-            # truncated h5 / pt, or a pickle that wants to run code: name the file, not torch's internals
-            raise DataFormatError(f"bag {self.bag_ids[i]!r}: cannot read {path} ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); is it truncated or corrupt?") from None
-        if x.numel() == 0:
-            raise DataFormatError(f"bag {self.bag_ids[i]!r} is empty (0 instances in {path})")
-        if x.ndim == 3 and x.shape[0] == 1:  # some pipelines save [1, N, D]
-            x = x[0]
-        if x.ndim != 2:
-            raise DataFormatError(f"{path}: features of shape {tuple(x.shape)}; expected N x D")
-        if self.in_dim is not None and x.shape[1] != self.in_dim:
-            raise DataFormatError(f"{path}: feature size {x.shape[1]}, but other bags have {self.in_dim}")
-        return x.float()
+        return read_bag_features(self.files[i], self.bag_ids[i], self.in_dim)
 
     def coords(self, i: int) -> torch.Tensor | None:
         path = self.root / "h5_files" / f"{self.bag_ids[i]}.h5"
-        if not path.is_file():
-            return None
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            return torch.from_numpy(f["coords"][()]) if "coords" in f else None
+        return read_bag_coords(path) if path.is_file() else None
 
     def __getitem__(self, i: int):
         return self.features(i), self.labels[i]

@@ -146,6 +146,11 @@ class ClassificationDataModule(ZooDataModule):
             geo = [v2.Resize(int(s / self.crop_pct), interpolation=mode, antialias=True), v2.CenterCrop(s)]
         return v2.Compose([v2.ToImage(), *geo, *self._to_float()])
 
+    def eval_transform(self):
+        """What val/test do to an image file (a PIL image): ``zoo predict`` uses it too, so it sees what
+        evaluation sees."""
+        return self._folder_transforms(False)
+
     def _cifar_transforms(self, train: bool) -> v2.Compose:
         s = self.img_size
         ops = [v2.Grayscale(1)] if self.in_chans == 1 else []
