@@ -227,3 +227,38 @@ def test_mil_tile_folders_as_image_bags(tmp_path):
     assert {a["instance"]: a["x"] for a in _rows(out / "maps" / "slide_a.csv")} == {
         f"slide_a_x{x}_y0.png": str(x) for x in (0, 64, 128)}  # coordinates from the tile names
     assert (out / "maps" / "slide_b.png").is_file() and not _rows(out / "errors.csv")
+
+
+def test_mil_tile_folders_through_the_recorded_backbone_equal_their_extracted_bags(tmp_path):
+    from zoo.data import MILDataModule
+    from zoo.features import extract_features
+
+    weights = tmp_path / "backbone.pt"
+    torch.manual_seed(1)
+    torch.save(zoo.create_model("halonet_tiny").state_dict(), weights)
+    tiles = tmp_path / "tiles"
+    for k, bag in enumerate(("s0", "s1", "s2")):
+        for i in range(2 + k):
+            _image(tiles / bag / f"{i * 32}_0.png", size=(24, 24), seed=10 * k + i)
+    feats = tmp_path / "feats"
+    extract_features(tiles, feats, "halonet_tiny", pretrained_file=str(weights), progress=False)
+    (feats / "labels.csv").write_text("bag_id,label,split\ns0,0,train\ns1,1,val\ns2,0,test\n")
+    ckpt = _checkpoint(tmp_path, MILDataModule(dataset="featurebags", root=str(feats)), "abmil")
+    for src, out in ((tiles, "from_tiles"), (feats / "pt_files", "from_bags")):
+        assert main(["predict", "--ckpt", str(ckpt), str(src), "--out", str(tmp_path / out)]) == 0
+    a, b = (_rows(tmp_path / o / "bag_scores.csv") for o in ("from_tiles", "from_bags"))
+    assert [Path(r["path"]).stem for r in a] == [Path(r["path"]).stem for r in b] == ["s0", "s1", "s2"]
+    np.testing.assert_allclose([[float(r["prob_0"]), float(r["prob_1"])] for r in a],
+                               [[float(r["prob_0"]), float(r["prob_1"])] for r in b], atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_cifar_files_get_the_cifar_eval_transform(size, tmp_path):
+    from zoo.data import ClassificationDataModule
+    from zoo.data.folders import open_image
+
+    dm = ClassificationDataModule(dataset="cifar10", img_size=size)
+    img = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (3, 32, 32), dtype=np.uint8))
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "x.png")
+    got = dm.eval_transform()(open_image(tmp_path / "x.png", 3))
+    torch.testing.assert_close(got, dm._cifar_transforms(False)(img))  # resized, never centre-cropped

@@ -188,7 +188,8 @@ def eval_transform(task: str, hp: dict, run) -> Any:
     if task == "classification":
         from .data.classification import ClassificationDataModule
 
-        dm = ClassificationDataModule(dataset="imagefolder", resize_ratio=info.get("resize_ratio"))
+        name = info.get("dataset") if info.get("dataset") in ClassificationDataModule.DATASETS else "imagefolder"
+        dm = ClassificationDataModule(dataset=name, resize_ratio=info.get("resize_ratio"))
     else:
         from .data.segmentation import SegmentationDataModule
 
@@ -261,6 +262,8 @@ def predict_images(inputs, *, task, run, outputs: Outputs, device, batch_size: i
     from .explain import denormalize, save_attention_maps
 
     kind, names, n = task.task, list(task.class_names), int(task.hparams.num_classes)
+    if kind == "segmentation" and n > 256:
+        raise ZooError(f"the checkpoint has {n} classes; a palette PNG mask holds class ids 0..255")
     items = collect_inputs(inputs, image_files)
     transform = eval_transform(kind, task.hparams, run)
     data = ImageInputs(items, transform, run.in_chans or 3, tv_image=kind == "segmentation")

@@ -147,8 +147,12 @@ class ClassificationDataModule(ZooDataModule):
         return v2.Compose([v2.ToImage(), *geo, *self._to_float()])
 
     def eval_transform(self):
-        """What val/test do to an image file (a PIL image): ``zoo predict`` uses it too, so it sees what
-        evaluation sees."""
+        """What val/test do to one image, as a transform of an image file (a PIL image): ``zoo predict`` uses
+        it, so it sees what evaluation sees. CIFAR and digits (square images in memory) are evaluated resized
+        to ``img_size``, never cropped: so is a file."""
+        if self.hparams.dataset in CIFAR or self.hparams.dataset == "digits":
+            s = self.img_size
+            return v2.Compose([v2.ToImage(), v2.Resize((s, s), antialias=True), *self._to_float()])
         return self._folder_transforms(False)
 
     def _cifar_transforms(self, train: bool) -> v2.Compose:
