@@ -262,3 +262,22 @@ def test_cifar_files_get_the_cifar_eval_transform(size, tmp_path):
     Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "x.png")
     got = dm.eval_transform()(open_image(tmp_path / "x.png", 3))
     torch.testing.assert_close(got, dm._cifar_transforms(False)(img))  # resized, never centre-cropped
+
+
+def test_a_checkpoint_train_py_wrote_predicts_as_it_evaluates(cls_setup, compose_cfg, tmp_path):
+    from train import train
+
+    _, root, _, make_dm = cls_setup
+    run = tmp_path / "run"
+    train(compose_cfg("train", ["model=halonet_tiny", "data=imagefolder", f"data.root={root}", "data.img_size=32",
+                                "data.num_workers=0", "data.batch_size=2", "trainer.max_epochs=1",
+                                "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "test_last=false"],
+                      out_dir=run))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert main(["predict", "--ckpt", str(ckpt), str(root / "test"), "--out", str(tmp_path / "out"), "--top-k", "1"]) == 0
+    dm = make_dm()
+    logits = _reference(ckpt, dm)
+    ref = dict(zip(dm.test_set.item_names(range(4)), (lg.softmax(-1) for lg in logits)))
+    for r in _rows(tmp_path / "out" / "predictions.csv"):
+        assert r["label_1"] == dm.class_names[int(ref[r["path"]].argmax())]
+        assert float(r["prob_1"]) == pytest.approx(float(ref[r["path"]].max()), abs=1e-5)
