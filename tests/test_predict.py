@@ -110,7 +110,8 @@ def test_refuses_to_overwrite_and_reads_a_csv_of_paths(cls_setup, tmp_path, caps
     out.mkdir()
     (out / "predictions.csv").write_text("earlier\n")
     table = tmp_path / "list.csv"
-    table.write_text("path,note\nds/test/ant/a.png,x\n" + f"{root / 'test' / 'bee' / 'a.png'},y\nds/test/cat/empty.png,z\n")
+    table.write_text("path,note\nds/test/ant/a.png,x\n"  # relative to the CSV, absolute, unreadable
+                     f"{root / 'test' / 'bee' / 'a.png'},y\nds/test/cat/empty.png,z\n")
     args = ["predict", "--ckpt", str(ckpt), str(table), "--out", str(out)]
     assert main(args) == 2
     err = " ".join(capsys.readouterr().err.split())
@@ -129,6 +130,8 @@ def test_exit_code_2_when_nothing_is_readable(cls_setup, tmp_path, capsys):
     assert len(_rows(tmp_path / "o" / "errors.csv")) == 2
     assert main(["predict", "--ckpt", str(ckpt), str(tmp_path / "nope.png"), "--out", str(tmp_path / "p")]) == 2
     assert "input not found" in capsys.readouterr().err
+    assert main(["predict", "--ckpt", str(ckpt), str(root), "--out", str(tmp_path / "q"), "--maps"]) == 2
+    assert "--maps is for MIL bags" in capsys.readouterr().err and not (tmp_path / "q").exists()
 
 
 # ---------------------------------------------------------------------------------------- segmentation
@@ -274,10 +277,11 @@ def test_a_checkpoint_train_py_wrote_predicts_as_it_evaluates(cls_setup, compose
                                 "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "test_last=false"],
                       out_dir=run))
     ckpt = run / "checkpoints" / "last.ckpt"
-    assert main(["predict", "--ckpt", str(ckpt), str(root / "test"), "--out", str(tmp_path / "out"), "--top-k", "1"]) == 0
+    out = tmp_path / "out"
+    assert main(["predict", "--ckpt", str(ckpt), str(root / "test"), "--out", str(out), "--top-k", "1"]) == 0
     dm = make_dm()
     logits = _reference(ckpt, dm)
     ref = dict(zip(dm.test_set.item_names(range(4)), (lg.softmax(-1) for lg in logits)))
-    for r in _rows(tmp_path / "out" / "predictions.csv"):
+    for r in _rows(out / "predictions.csv"):
         assert r["label_1"] == dm.class_names[int(ref[r["path"]].argmax())]
         assert float(r["prob_1"]) == pytest.approx(float(ref[r["path"]].max()), abs=1e-5)

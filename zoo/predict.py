@@ -136,11 +136,10 @@ def fmt(p: float) -> str:
 
 
 def progress():
+    from rich.console import Console
     from rich.progress import Progress
 
-    from .__main__ import _console
-
-    return Progress(console=_console(stderr=True), transient=False)
+    return Progress(console=Console(stderr=True))  # stdout stays for the summary line
 
 
 def resolve_device(device: str) -> torch.device:
@@ -216,8 +215,8 @@ def save_mask(mask: np.ndarray, path: Path) -> None:
     from PIL import Image
     from .weights import atomic_write
 
-    im = Image.fromarray(mask.astype(np.uint8), mode="P")
-    im.putpalette(palette())
+    im = Image.fromarray(mask.astype(np.uint8))  # mode L: class ids as they are
+    im.putpalette(palette())  # -> mode P, the same values with colours
     atomic_write(path, lambda tmp: im.save(tmp, format="PNG"), what="the mask")
 
 
@@ -231,14 +230,13 @@ def predict(src: str, inputs: Sequence[str | Path], out: str | Path, *, batch_si
 
     task = load_task(src).eval()
     kind = task.task
-    outputs = Outputs(out, kind, overwrite, explain)
-    caps = capabilities(task.net)
     if explain and kind == "mil":
         raise ZooError("--explain draws overlays on single images; for MIL bags use --maps (attention per instance)")
-    if explain and not caps.attention_maps:
+    if explain and not capabilities(task.net).attention_maps:
         raise ZooError(f"{task.hparams.model['name']} defines no attention_maps(x); --explain needs a model that does")
     if maps and kind != "mil":
         raise ZooError("--maps is for MIL bags (attention per instance); for images use --explain")
+    outputs = Outputs(out, kind, overwrite, explain)
     run = resolve_run_input(task.net.zoo_spec, {}, stored=stored_input(task.hparams))
     dev = resolve_device(device)
     task.to(dev)

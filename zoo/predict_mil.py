@@ -140,8 +140,9 @@ def save_bag_map(outputs: Outputs, item: Item, weights: torch.Tensor, coords, in
     mean = weights.mean(0)
     k = weights.shape[0]
     xy = coords.tolist() if coords is not None else None
-    header = ["instance", *(["x", "y"] if xy else []), "attention", *([f"attention_{j}" for j in range(k)] if k > 1 else [])]
-    rows = [[inst, *(xy[n] if xy else []), fmt(mean[n]), *(map(fmt, weights[:, n].tolist()) if k > 1 else [])]
+    branches = range(k) if k > 1 else []  # one branch: its column is the mean
+    header = ["instance", *(["x", "y"] if xy else []), "attention", *[f"attention_{j}" for j in branches]]
+    rows = [[inst, *(xy[n] if xy else []), fmt(mean[n]), *[fmt(weights[j, n]) for j in branches]]
             for n, inst in enumerate(instances)]
     table = outputs.csv(str(Path("maps") / f"{item.name}.csv"), header, rows)
     png = outputs.file("maps", f"{item.name}.png")
