@@ -1,4 +1,4 @@
-"""The zoo's command line: ``python -m zoo list|info|bench|explain|export|save|push`` (console script: ``zoo``).
+"""The zoo's command line: ``python -m zoo list|info|bench|explain|predict|export|save|push|...`` (console script: ``zoo``).
 
   python -m zoo list 'halonet*' --task classification [--json]
   python -m zoo info halonet_tiny
@@ -6,6 +6,7 @@
   python -m zoo bench 'halonet*' timm:resnet18 --img-size 64 --batch-size 8 --train [--json]
   python -m zoo explain --model biformer_tiny --pretrained-file w.safetensors cat.jpg --out maps/
   python -m zoo explain --ckpt outputs/.../best.ckpt img1.png img2.png --out maps/ [--top-traits 4]
+  python -m zoo predict --ckpt outputs/.../best.ckpt photos/ list.csv --out preds/ [--top-k 3] [--explain]
   python -m zoo save outputs/.../checkpoints/best.ckpt --out my-net/ [--overwrite]   # a Hub folder
   python -m zoo push outputs/.../checkpoints/best.ckpt --repo ORG/NAME [--private] [--dry-run DIR]
 
@@ -336,6 +337,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Prompt-CAM: draw only the N heads kept by greedy head ranking (trait identification)")
     s.set_defaults(func=cmd_explain)
 
+    s = sub.add_parser("predict", help="a checkpoint's predictions for images or MIL bags -> CSV (+ masks, maps)")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="a Lightning checkpoint written by a zoo task module")
+    src.add_argument("--model", help="a saved model: local-dir:DIR or hf-hub:ID (what `load_net_from_checkpoint` reads)")
+    s.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders (recursive), or a CSV of paths; MIL: .pt/.h5 bags or tile folders")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    s.add_argument("--top-k", type=int, default=5, help="classification: labels per image (default 5)")
+    s.add_argument("--maps", action="store_true", help="MIL: attention per instance (maps/<bag>.csv and .png)")
+    s.add_argument("--explain", action="store_true", help="also write `zoo explain`'s overlays to OUT/explain/")
+    s.add_argument("--num-workers", type=int, default=0, help="DataLoader workers reading the inputs")
+    s.add_argument("--backbone", default=None,
+                   help="MIL tile folders: the feature extractor, when the checkpoint does not record one")
+    s.add_argument("--backbone-file", default=None, help="local weights for --backbone")
+    s.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
+    s.set_defaults(func=cmd_predict)
+
     s = sub.add_parser("table", help="the README's model table (Markdown), generated from the registry and configs")
     s.add_argument("pattern", nargs="?", default=None, help="only models matching this wildcard")
     s.add_argument("--write", metavar="FILE", help="replace the model-table block of FILE (e.g. README.md)")
@@ -409,6 +429,20 @@ def cmd_export(args: argparse.Namespace) -> int:
                overwrite=args.overwrite)
     _console().print(f"wrote {r['out']} ({r['format']}, {r['model']}); outputs on a random {r['input_shape']} "
                      f"input match the checkpoint's net within {r['max_abs_diff']:.2g}", soft_wrap=True)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict
+
+    r = predict(args.ckpt or args.model, args.inputs, args.out, batch_size=args.batch_size, device=args.device,
+                top_k=args.top_k, maps=args.maps, explain=args.explain, num_workers=args.num_workers,
+                overwrite=args.overwrite, backbone=args.backbone, backbone_file=args.backbone_file)
+    console = _console()
+    console.print(f"[green]predicted {r['predicted']} input(s)[/green] -> {r['files'][0]}", soft_wrap=True)
+    if r["errors"]:
+        _console(stderr=True).print(f"[yellow]warning: {len(r['errors'])} input(s) could not be read and were left "
+                                    f"out; see {r['files'][-1]}[/yellow]", soft_wrap=True, highlight=False)
     return 0
 
 

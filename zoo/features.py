@@ -79,17 +79,24 @@ def build_backbone(name: str, pretrained: bool = False, pretrained_file: str | N
 
 
 def _batches(tiles: list[Path], transform, batch_size: int) -> Iterator[torch.Tensor]:
-    from PIL import Image
+    from .data.folders import open_image  # 16-bit tiles scaled by their range, as the datasets read them
 
     for i in range(0, len(tiles), batch_size):
         imgs = []
         for t in tiles[i: i + batch_size]:
             try:
-                with Image.open(t) as im:
-                    imgs.append(transform(im.convert("RGB")))
-            except OSError as e:
+                imgs.append(transform(open_image(t, 3)))
+            except (OSError, SyntaxError, ValueError) as e:
                 raise DataFormatError(f"cannot read tile {t}: {e}") from None
         yield torch.stack(imgs)
+
+
+def tile_transform(size: int, mean, std):
+    """A tile (PIL image) -> the backbone's normalised ``[C, size, size]`` input."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.ToImage(), v2.Resize((size, size), antialias=True), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(list(mean), list(std))])
 
 
 def _save_atomic(path: Path, write) -> None:
@@ -114,7 +121,6 @@ def extract_features(
 ) -> dict[str, int]:
     """Extract features for every bag under ``tiles_root``; returns counts of bags written and skipped."""
     import h5py
-    from torchvision.transforms import v2
 
     bags = find_bags(Path(tiles_root))
     out = Path(out_dir)
@@ -145,8 +151,7 @@ def extract_features(
     net, mean, std, size = build_backbone(model, pretrained, pretrained_file)
     net = net.eval().to(device)
     size = img_size or size
-    transform = v2.Compose([v2.ToImage(), v2.Resize((size, size), antialias=True), v2.ToDtype(torch.float32, scale=True),
-                            v2.Normalize(list(mean), list(std))])
+    transform = tile_transform(size, mean, std)
     from rich.progress import Progress
 
     with Progress(disable=not progress) as bar:

@@ -49,10 +49,16 @@ def net_input_kwargs(model_name: str, dm: Any) -> dict:
 
 def data_info(dm: Any) -> dict:
     """What a checkpoint must remember of the data to preprocess the same way later."""
-    spacing = (getattr(dm, "hparams", None) or {}).get("spacing")  # segmentation: pixel size for distances
+    hp = getattr(dm, "hparams", None) or {}
+    spacing = hp.get("spacing")  # segmentation: pixel size for distances
     inference = getattr(dm, "inference", None)  # segmentation: whole-image or sliding-window evaluation
+    # the rest of the eval transform (`zoo predict` rebuilds it): FGVC's resize-then-crop, the seg eval size,
+    # and the backbone that extracted MIL features (to extract a tile folder's the same way)
+    extra = {k: hp.get(k) for k in ("resize_ratio", "eval_resize") if hp.get(k) is not None}
+    features = getattr(dm, "features_manifest", None)
+    extra |= {"features": features} if features else {}
     run = getattr(dm, "run_input", None)
-    return ({"spacing": spacing} if spacing is not None else {}) | ({"inference": inference} if inference else {}) | {
+    return ({"spacing": spacing} if spacing is not None else {}) | ({"inference": inference} if inference else {}) | extra | {
         "dataset": getattr(dm, "dataset", None) or dm.hparams.get("dataset"),
         "img_size": getattr(dm, "img_size", None),
         "in_chans": getattr(dm, "in_chans", None),

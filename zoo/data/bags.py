@@ -122,6 +122,61 @@ def encode_labels(raw: list[str], class_names: list[str] | None = None,
     return ints, [str(i) for i in range(max(ints) + 1)]
 
 
+def read_bag_features(path: Path, bag_id: str, in_dim: int | None = None, in_dim_source: str = "other bags") -> torch.Tensor:
+    """One bag file -> float ``[N, D]``: a ``.pt`` tensor (``weights_only``) or an ``.h5`` ``features``
+    dataset; an unreadable, empty or misshapen file is a :class:`DataFormatError` naming it."""
+    path = Path(path)
+    try:
+        if path.suffix == ".pt":
+            x = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(x, torch.Tensor):
+                raise DataFormatError(f"{path} holds a {type(x).__name__}; expected a tensor N x D")
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                if "features" not in f:
+                    raise DataFormatError(f"{path} has no 'features' dataset (has {list(f)})")
+                x = torch.from_numpy(f["features"][()])
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
+        if isinstance(e, DataFormatError):
+            raise
+        # truncated h5 / pt, or a pickle that wants to run code: name the file, not torch's internals
+        raise DataFormatError(f"bag {bag_id!r}: cannot read {path} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); is it truncated or corrupt?") from None
+    if x.numel() == 0:
+        raise DataFormatError(f"bag {bag_id!r} is empty (0 instances in {path})")
+    if x.ndim == 3 and x.shape[0] == 1:  # some pipelines save [1, N, D]
+        x = x[0]
+    if x.ndim != 2:
+        raise DataFormatError(f"{path}: features of shape {tuple(x.shape)}; expected N x D")
+    check_bag_features(x, bag_id, str(path), in_dim, in_dim_source)
+    return x.float()
+
+
+def check_bag_features(x: torch.Tensor, bag_id: str, where: str, in_dim: int | None = None,
+                       in_dim_source: str = "other bags") -> None:
+    """The feature size the net takes (``in_dim``, set by ``in_dim_source``) and finite values, or an error
+    naming the bag."""
+    if in_dim is not None and x.shape[1] != in_dim:
+        raise DataFormatError(f"bag {bag_id!r} ({where}) has feature size {x.shape[1]}, but the "
+                              f"{in_dim_source} have {in_dim}; was it extracted with another backbone?")
+    bad = ~torch.isfinite(x.float()).all(1)
+    if bool(bad.any()):
+        rows = bad.nonzero()[:, 0].tolist()
+        raise DataFormatError(f"bag {bag_id!r} ({where}) has non-finite (NaN/inf) features in "
+                              f"{len(rows)} of its {len(x)} instances (rows {rows[:5]}{' ...' if len(rows) > 5 else ''}); "
+                              "re-extract it or remove it from the labels CSV")
+
+
+def read_bag_coords(path: Path) -> torch.Tensor | None:
+    """The ``coords`` (``N x 2``, tile x and y) of an ``.h5`` bag file; None when it has none."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return torch.from_numpy(f["coords"][()]) if "coords" in f else None
+
+
 class FeatureBagDataset(Dataset):
     """Pre-extracted instance features per bag; items are ``(float [N, D], label)``.
 
@@ -149,44 +204,8 @@ class FeatureBagDataset(Dataset):
         return len(self.bag_ids)
 
     def features(self, i: int) -> torch.Tensor:
-        path = self.files[i]
-        try:
-            if path.suffix == ".pt":
-                x = torch.load(path, map_location="cpu", weights_only=True)
-                if not isinstance(x, torch.Tensor):
-                    raise DataFormatError(f"{path} holds a {type(x).__name__}; expected a tensor N x D")
-            else:
-                import h5py
+        return read_bag_features(self.files[i], self.bag_ids[i], self.in_dim, self.in_dim_source)
 
-                with h5py.File(path, "r") as f:
-                    if "features" not in f:
-                        raise DataFormatError(f"{path} has no 'features' dataset (has {list(f)})")
-                    x = torch.from_numpy(f["features"][()])
-        except (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
-            if isinstance(e, DataFormatError):
-                raise
-            # truncated h5 / pt, or a pickle that wants to run code: name the file, not torch's internals
-            raise DataFormatError(f"bag {self.bag_ids[i]!r}: cannot read {path} ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); is it truncated or corrupt?") from None
-        if x.numel() == 0:
-            raise DataFormatError(f"bag {self.bag_ids[i]!r} is empty (0 instances in {path})")
-        if x.ndim == 3 and x.shape[0] == 1:  # some pipelines save [1, N, D]
-            x = x[0]
-        if x.ndim != 2:
-            raise DataFormatError(f"{path}: features of shape {tuple(x.shape)}; expected N x D")
-        self._check_features(i, x, str(path))
-        return x.float()
-
-    def _check_features(self, i: int, x: torch.Tensor, where: str) -> None:
-        if self.in_dim is not None and x.shape[1] != self.in_dim:
-            raise DataFormatError(f"bag {self.bag_ids[i]!r} ({where}) has feature size {x.shape[1]}, but the "
-                                  f"{self.in_dim_source} have {self.in_dim}; was it extracted with another backbone?")
-        bad = ~torch.isfinite(x.float()).all(1)
-        if bool(bad.any()):
-            rows = bad.nonzero()[:, 0].tolist()
-            raise DataFormatError(f"bag {self.bag_ids[i]!r} ({where}) has non-finite (NaN/inf) features in "
-                                  f"{len(rows)} of its {len(x)} instances (rows {rows[:5]}{' ...' if len(rows) > 5 else ''}); "
-                                  "re-extract it or remove it from the labels CSV")
 
     def item_names(self, indices) -> list[str]:
         return [f"bag {self.bag_ids[i]!r} ({self.files[i]})" for i in indices]
@@ -209,12 +228,7 @@ class FeatureBagDataset(Dataset):
 
     def coords(self, i: int) -> torch.Tensor | None:
         path = self.root / "h5_files" / f"{self.bag_ids[i]}.h5"
-        if not path.is_file():
-            return None
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            return torch.from_numpy(f["coords"][()]) if "coords" in f else None
+        return read_bag_coords(path) if path.is_file() else None
 
     def __getitem__(self, i: int):
         return self.features(i), self.labels[i]
@@ -266,7 +280,7 @@ class H5GroupBagDataset(FeatureBagDataset):
         x = torch.from_numpy(self._read(i, "feat"))
         if x.ndim != 2 or x.shape[0] == 0:
             raise DataFormatError(f"{self.path}:{self.bag_ids[i]}/feat has shape {tuple(x.shape)}; expected N x D, N > 0")
-        self._check_features(i, x, f"{self.path}:{self.bag_ids[i]}")
+        check_bag_features(x, self.bag_ids[i], f"{self.path}:{self.bag_ids[i]}", self.in_dim, self.in_dim_source)
         return x.float()
 
     def coords(self, i: int) -> torch.Tensor | None:

@@ -146,6 +146,15 @@ class ClassificationDataModule(ZooDataModule):
             geo = [v2.Resize(int(s / self.crop_pct), interpolation=mode, antialias=True), v2.CenterCrop(s)]
         return v2.Compose([v2.ToImage(), *geo, *self._to_float()])
 
+    def eval_transform(self):
+        """What val/test do to one image, as a transform of an image file (a PIL image): ``zoo predict`` uses
+        it, so it sees what evaluation sees. CIFAR and digits (square images in memory) are evaluated resized
+        to ``img_size``, never cropped: so is a file."""
+        if self.hparams.dataset in CIFAR or self.hparams.dataset == "digits":
+            s = self.img_size
+            return v2.Compose([v2.ToImage(), v2.Resize((s, s), antialias=True), *self._to_float()])
+        return self._folder_transforms(False)
+
     def _cifar_transforms(self, train: bool) -> v2.Compose:
         s = self.img_size
         ops = [v2.Grayscale(1)] if self.in_chans == 1 else []

@@ -184,6 +184,17 @@ class MILDataModule(ZooDataModule):
         return self._read_table()[3]
 
     @property
+    def features_manifest(self) -> dict | None:
+        """``features.json`` of ``zoo extract-features`` in the bags folder (which backbone made the features)."""
+        import json
+
+        path = self.root / "features.json" if self.hparams.dataset == "featurebags" else None
+        try:
+            return json.loads(path.read_text()) if path is not None and path.is_file() else None
+        except (OSError, ValueError):
+            return None
+
+    @property
     def in_dim(self) -> int | None:
         """Instance feature size D of feature bags (read from the first bag)."""
         if self.hparams.dataset != "featurebags":

@@ -137,6 +137,11 @@ class SegmentationDataModule(ZooDataModule):
         ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
         return v2.Compose(ops)
 
+    def eval_transform(self) -> v2.Compose:
+        """What val/test do to an image file (a ``tv_tensors.Image``, with or without its mask): ``zoo
+        predict`` uses it too, so it sees what evaluation sees."""
+        return self._transforms(False)
+
     # ------------------------------------------------------------------ datasets
     def _build(self) -> None:
         if self.hparams.dataset in STANDARD_SEG:

@@ -1,4 +1,4 @@
 """Building blocks shared by several models."""
-from .mil_attention import GatedAttention, masked_softmax
+from .mil_attention import GatedAttention, masked_softmax, tile_grid
 
-__all__ = ["GatedAttention", "masked_softmax"]
+__all__ = ["GatedAttention", "masked_softmax", "tile_grid"]

@@ -15,6 +15,16 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor | None, dim: int = -
     return logits.softmax(dim)
 
 
+def tile_grid(coords: torch.Tensor):
+    """Tile coordinates (pixels, any step) of one bag layout ``[B, N, 2]`` -> grid rows, cols and size."""
+    xy = coords[0].long()
+    xy = xy - xy.min(0).values
+    steps = [torch.diff(torch.unique(xy[:, d])) for d in (0, 1)]
+    step = int(min((s.min() for s in steps if len(s)), default=torch.tensor(1)).item()) or 1
+    cols, rows = (xy[:, 0] // step), (xy[:, 1] // step)
+    return rows, cols, (int(rows.max()) + 1, int(cols.max()) + 1)
+
+
 class GatedAttention(nn.Module):
     """``A = w(tanh(V h) * sigmoid(U h))``: one attention logit per instance and branch.
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..contract import Capabilities, ZooModel
 from ..errors import InputSizeError
-from ..layers import GatedAttention, masked_softmax
+from ..layers import GatedAttention, masked_softmax, tile_grid
 from ..registry import register_model
 from ..spec import Metric, Reference, Weights
 
@@ -231,16 +231,6 @@ def square_grid(n: int, device=None):
     side = math.ceil(math.sqrt(n))
     idx = torch.arange(n, device=device)
     return idx // side, idx % side, (side, side)
-
-
-def tile_grid(coords: torch.Tensor):
-    """Tile coordinates (pixels, any step) of one bag layout ``[B, N, 2]`` -> grid rows, cols and size."""
-    xy = coords[0].long()
-    xy = xy - xy.min(0).values
-    steps = [torch.diff(torch.unique(xy[:, d])) for d in (0, 1)]
-    step = int(min((s.min() for s in steps if len(s)), default=torch.tensor(1)).item()) or 1
-    cols, rows = (xy[:, 0] // step), (xy[:, 1] // step)
-    return rows, cols, (int(rows.max()) + 1, int(cols.max()) + 1)
 
 
 def checkpoint_filter(state_dict: dict, model: ACMIL) -> dict:
