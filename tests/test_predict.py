@@ -285,3 +285,20 @@ def test_a_checkpoint_train_py_wrote_predicts_as_it_evaluates(cls_setup, compose
     for r in _rows(out / "predictions.csv"):
         assert r["label_1"] == dm.class_names[int(ref[r["path"]].argmax())]
         assert float(r["prob_1"]) == pytest.approx(float(ref[r["path"]].max()), abs=1e-5)
+
+
+def test_model_from_a_saved_folder_predicts_as_its_checkpoint(cls_setup, tmp_path):
+    """``zoo save`` then ``predict --model local-dir:DIR``: the same rows as ``--ckpt`` (classes, preprocessing)."""
+    ckpt, root, _, _ = cls_setup
+    folder = tmp_path / "saved"
+    assert main(["save", str(ckpt), "--out", str(folder)]) == 0
+    by_ckpt, by_folder = tmp_path / "a", tmp_path / "b"
+    assert main(["predict", "--ckpt", str(ckpt), str(root / "test"), "--out", str(by_ckpt), "--top-k", "3"]) == 0
+    assert main(["predict", "--model", f"local-dir:{folder}", str(root / "test"), "--out", str(by_folder),
+                 "--top-k", "3"]) == 0
+    a, b = _rows(by_ckpt / "predictions.csv"), _rows(by_folder / "predictions.csv")
+    assert [r["path"] for r in a] == [r["path"] for r in b] and len(a) == 4
+    for ra, rb in zip(a, b):
+        assert [ra[f"label_{k}"] for k in (1, 2, 3)] == [rb[f"label_{k}"] for k in (1, 2, 3)]
+        np.testing.assert_allclose([float(ra[f"prob_{k}"]) for k in (1, 2, 3)],
+                                   [float(rb[f"prob_{k}"]) for k in (1, 2, 3)], atol=1e-6)
