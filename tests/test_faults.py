@@ -483,3 +483,64 @@ def test_sigkill_keeps_the_last_epoch_checkpoint_and_resumes(task, tmp_path):
     metrics = train(compose("train", [*RUNS[task], *SHORT, "ckpt_path=last"], run))  # the dead run's lock: no block
     assert metrics and set(json.loads((run / "metrics.json").read_text())) == set(metrics)
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+# ============================================================ input checks before the forward pass
+IMAGE_NETS = ["halonet_tiny", "biformer_nano", "dcal_deit_nano", "dependencyvit_nano", "promptcam_vit_nano",
+              "sparsifiner_deit_nano", "ulsam_mobilenetv2_tiny", "vit_nano", "fpn_tiny", "msguided_tiny",
+              "biformer_fpn_nano"]  # one net per family: the check is create_model's, before any layer runs
+
+
+@pytest.mark.parametrize("name", IMAGE_NETS)
+def test_wrong_input_shape_is_named_before_the_forward_pass(name):
+    import zoo
+    from zoo.errors import InputSizeError
+
+    net = zoo.create_model(name).eval()
+    c, h, w = net.zoo_spec.input_size
+    with pytest.raises(InputSizeError, match=rf"takes a batch of images \[B, {c}, H, W\]; got a 3-d tensor .*unsqueeze\(0\)"):
+        net(torch.randn(c, h, w))
+    with pytest.raises(InputSizeError, match=rf"built for {c}-channel images \[B, {c}, H, W\]; got \[1, {c + 1}, {h}, {w}\]"):
+        net(torch.randn(1, c + 1, h, w))
+    grey = zoo.create_model(name, in_chans=1).eval()  # built for grey images: grey images pass
+    with torch.no_grad():
+        out = grey(torch.randn(1, 1, h, w))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name,kwargs,shape,expected", [
+    ("abmil", {"in_dim": 16}, (1, 5, 8), r"\[B, N, 16\] feature bags; got \[1, 5, 8\]"),
+    ("abmil", {"in_dim": 16}, (5, 16), r"\[B, N, 16\] feature bags; got \[5, 16\] \(one bag: x.unsqueeze\(0\)\)"),
+    ("acmil", {}, (1, 5, 16), r"\[B, N, 1, H, W\] image bags; got \[1, 5, 16\]; feature bags need a net built with in_dim"),
+    ("acmil", {}, (5, 1, 28, 28), r"image bags; got \[5, 1, 28, 28\] \(one bag"),
+])
+def test_wrong_bag_shape_names_the_expected_shape(name, kwargs, shape, expected):
+    import zoo
+    from zoo.errors import InputSizeError
+
+    net = zoo.create_model(name, **kwargs).eval()
+    with pytest.raises(InputSizeError, match=expected):
+        net(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("name,size,patch,fit", [("vit_nano", 30, 4, 28), ("promptcam_vit_nano", 34, 4, 32),
+                                                 ("sparsifiner_deit_nano", 30, 4, 28), ("promptcam_vit_small", 230, 16, 224)])
+def test_patch_size_that_does_not_divide_img_size_is_refused_at_build(name, size, patch, fit):
+    import zoo
+    from zoo.errors import ModelArgumentError
+
+    with pytest.raises(ModelArgumentError, match=rf"img_size={size} is not a multiple of the patch size {patch}.*img_size={fit}"):
+        zoo.create_model(name, img_size=size)
+    assert zoo.create_model(name, img_size=fit).zoo_spec.input_size[-1] == fit
+
+
+def test_prompt_cam_without_classes_is_timm_features_and_refuses_trait_maps():
+    """A documented choice instead of a refusal: num_classes=0 is timm's 'no classifier', the pooled
+    backbone feature [B, D]; what needs the class prompts says so."""
+    import zoo
+
+    net = zoo.create_model("promptcam_vit_nano", num_classes=0).eval()
+    out = net(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, net.num_features)
+    with pytest.raises(ValueError, match="need the class prompts and the head"):
+        net.prompt_attention(torch.randn(1, 3, 32, 32))
