@@ -50,7 +50,10 @@ def epoch_curves(rows: list[dict[str, float]], keys: list[str]) -> dict[str, dic
 
 
 def plot_curves(csv_files: list[Path], monitor: str, path: Path) -> Path | None:
+    """train/loss (logged every ``trainer.log_every_n_steps``: absent from runs shorter than that), val/loss
+    and ``monitor`` per epoch."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     curves = epoch_curves(read_metrics_csv(csv_files), ["train/loss", "val/loss", monitor])
     if not curves:
@@ -63,7 +66,12 @@ def plot_curves(csv_files: list[Path], monitor: str, path: Path) -> Path | None:
             ax.plot(list(curves[key]), list(curves[key].values()), "o-", label=key)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_metric.set(xlabel="epoch", ylabel=monitor, title=monitor)
+    epochs = sorted({e for c in curves.values() for e in c})
     for ax in (ax_loss, ax_metric):
+        if len(epochs) <= 15:
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     return save(fig, path)
@@ -95,12 +103,13 @@ def plot_confusion_matrix(cm, class_names: list[str], path: Path) -> Path:
 def plot_per_class_iou(iou, class_names: list[str], path: Path) -> Path:
     from matplotlib.figure import Figure
 
-    values = [0.0 if math.isnan(v) else v for v in iou.tolist()]  # a class absent from labels and predictions
+    present = [v for v in iou.tolist() if not math.isnan(v)]  # NaN: a class absent from labels and predictions
+    values = [0.0 if math.isnan(v) else v for v in iou.tolist()]
     fig = Figure(figsize=(max(5.0, 0.5 * len(values) + 2), 4), layout="constrained")
     ax = fig.subplots()
     ax.bar(range(len(values)), values, color="tab:blue")
     ax.set_xticks(range(len(values)), class_names, rotation=90 if len(values) > 8 else 0)
-    ax.set(ylim=(0, 1), ylabel="IoU", title=f"test per-class IoU (mIoU {sum(values) / max(1, len(values)):.3f})")
+    ax.set(ylim=(0, 1), ylabel="IoU", title=f"test per-class IoU (mIoU {sum(present) / max(1, len(present)):.3f})")
     ax.grid(axis="y", alpha=0.3)
     return save(fig, path)
 

@@ -157,6 +157,11 @@ def pick_metric(runs: list[Run], metric: str | None) -> str:
     return next((m for m in MONITORS if m in names), names[0] if names else "")
 
 
+def log_x(xs: list[float]) -> bool:
+    """A log axis for lr-like values: all positive and more than 10x apart."""
+    return min(xs) > 0 and max(xs) / min(xs) > 10
+
+
 def plot(runs: list[Run], x: str, metric: str, keys: list[str], out: Path) -> Path:
     """``metric`` against ``x``, one line per value of the other swept keys (seed among them)."""
     from matplotlib.figure import Figure
@@ -175,7 +180,7 @@ def plot(runs: list[Run], x: str, metric: str, keys: list[str], out: Path) -> Pa
         xs, ys = zip(*sorted(pts))
         ax.plot(xs, ys, "o-", label=label)
     xs = [float(r.config[x]) for r in runs]
-    if min(xs) > 0 and max(xs) / min(xs) > 10:  # lr-like: orders of magnitude apart
+    if log_x(xs):
         ax.set_xscale("log")
     if len(set(xs)) <= 10:  # the swept values themselves as ticks (matplotlib's run into each other)
         ax.set_xticks(sorted(set(xs)), [f"{v:g}" for v in sorted(set(xs))])
