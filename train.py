@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from zoo.callbacks import AtomicCheckpointIO, reliability_callbacks
 from zoo.config_store import check_model_overrides, register_model_configs
 from zoo.errors import ZooError
+from zoo.plots import write_run_figures
 from zoo.runlock import check_run_dir_free, check_run_dir_writable, run_dir_lock
 from zoo.runner import build_task, flat_metrics, prepare_data, print_metrics_table, write_metrics
 from zoo.validate import check_mandatory, check_run_config, missing_keys
@@ -149,6 +150,7 @@ def _fit_and_test(cfg: DictConfig, ckpt_path: str | None, out_dir: Path) -> dict
     if trainer.is_global_zero:  # metrics are synced across ranks already; one rank writes them
         write_metrics(metrics, out_dir / "metrics.json", cfg.get("metrics_file"))
         print_metrics_table(metrics, title=f"{cfg.model.name} on {cfg.data.dataset}: test metrics")
+        write_run_figures(task, trainer.loggers, out_dir)  # curves.png + the test split's pictures; never raises
     last = out_dir / "checkpoints" / "last.ckpt"
     if cfg.get("test_last", True) and ckpt and last.is_file() and Path(ckpt).resolve() != last.resolve():
         # the last epoch too, next to the best-on-validation one (metrics.json): metrics_last.json

@@ -55,3 +55,15 @@ def count_saved_tensors(fn) -> tuple[int, object]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return len(saved), out
+
+
+def assert_picture(path: Path) -> None:
+    """``path`` is a PNG with pixels that are not all one colour (a drawn figure, not a blank canvas)."""
+    import numpy as np
+    from PIL import Image
+
+    assert path.is_file(), f"{path} was not written"
+    with Image.open(path) as img:
+        assert img.width > 0 and img.height > 0
+        px = np.asarray(img.convert("RGB"))
+    assert (px != px[0, 0]).any(), f"{path} is a single colour"

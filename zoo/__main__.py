@@ -9,6 +9,7 @@
   python -m zoo predict --ckpt outputs/.../best.ckpt photos/ list.csv --out preds/ [--top-k 3] [--explain]
   python -m zoo save outputs/.../checkpoints/best.ckpt --out my-net/ [--overwrite]   # a Hub folder
   python -m zoo push outputs/.../checkpoints/best.ckpt --repo ORG/NAME [--private] [--dry-run DIR]
+  python -m zoo results multirun/train/DATE [--metric test/acc] [--x optim.lr] [--out DIR]   # a sweep's table + plot
 
 Errors the zoo raises on purpose (``zoo.ZooError``) print as one red line and exit with code 2.
 """
@@ -279,7 +280,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description="Attention Zoo: list, inspect, benchmark and explain models.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{list,info,bench,explain,extract-features,export,save,push}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{list,info,bench,explain,predict,table,extract-features,export,save,push,results}")
 
     s = sub.add_parser("list", help="registered models, with task, parameters and input size")
     s.add_argument("pattern", nargs="?", default="*", help="wildcard over names, e.g. 'halonet*'")
@@ -397,7 +398,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", metavar="DIR", default=None, help="write the folder to DIR and upload nothing")
     s.add_argument("--overwrite", action="store_true", help="with --dry-run: replace an existing DIR")
     s.set_defaults(func=cmd_push)
+
+    s = sub.add_parser("results", help="every run under DIR (a sweep) in one table: results.md, results.csv, results.png")
+    s.add_argument("dir", help="a multirun (or any) folder; runs are the folders with config.yaml, recursively")
+    s.add_argument("--metric", default=None, help="the metric to plot and print (default: test/acc, test/miou or test/auroc)")
+    s.add_argument("--x", default=None, help="the swept numeric key on the plot's x-axis (default: the first one, not seed)")
+    s.add_argument("--out", default=None, help="where to write the files (default: DIR)")
+    s.set_defaults(func=cmd_results)
     return p
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .results import results, table
+
+    r = results(args.dir, metric=args.metric, x=args.x, out=args.out)
+    header, rows = table(r["runs"], Path(args.dir), [args.metric] if args.metric else None)
+    t = Table(title=f"{len(rows)} run(s) under {args.dir}")
+    for h in header:
+        t.add_column(h, justify="left" if h in ("run", "status") else "right")
+    for row in rows:
+        t.add_row(*row, style=None if row[-1] == "done" else "yellow")
+    console = _console()
+    console.print(t)
+    console.print(f"wrote {', '.join(str(p) for p in r['files'])}", soft_wrap=True, highlight=False)
+    return 0
 
 
 def cmd_save(args: argparse.Namespace) -> int:

@@ -43,7 +43,9 @@ def register_model_configs(config_dir: str | Path = CONFIG_DIR) -> list[str]:
     from hydra.core.config_store import ConfigStore
 
     from .registry import list_models
+    from .sweep import register_sweep_resolver
 
+    register_sweep_resolver()  # configs/train.yaml's hydra.sweep.subdir, resolved before any job runs
     files = set(model_files(config_dir))
     store = ConfigStore.instance()
     names = [n for n in list_models() if n not in files]

@@ -178,8 +178,17 @@ class ZooTask(L.LightningModule):
             loaders = loaders[0] if len(loaders) == 1 else None
         return loaders
 
+    figure_keys: tuple[str, ...] = ()  # computed metrics that are pictures' data, not numbers to log
+
+    def test_figures(self) -> dict[str, tuple]:
+        """``{figure: args}`` for :mod:`zoo.plots` (e.g. ``{"roc": (curves,)}``) from the last test epoch."""
+        return {}
+
     def _log_epoch_metrics(self, stage: str) -> None:
         values = self.compute_metrics(self.metrics[stage])
+        figures = {k: values.pop(k) for k in self.figure_keys if k in values}
+        if stage == "test":  # kept for test_figures(): the metrics hold the whole split, no second pass
+            self.test_figure_values = figures
         left_out = getattr(getattr(self._stage_loader(stage), "dataset", None), "left_out", None)
         if left_out is not None:  # data.bad_images=skip: unreadable items left out of this split's metrics
             values["skipped"] = torch.tensor(float(len(left_out)), device=self.device)

@@ -5,7 +5,7 @@ import torch
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from ..contract import capabilities
 from .base import ZooTask
@@ -36,6 +36,14 @@ class ClassificationTask(ZooTask):
                                prob=float(o["mixup_prob"]), switch_prob=float(o["mixup_switch_prob"]),
                                label_smoothing=float(o["label_smoothing"]), num_classes=self.hparams.num_classes)
             self.soft_ce = SoftTargetCrossEntropy()
+        # test split only: confusion_matrix.png (zoo.plots) from the same pass as the test metrics
+        self.metrics["test"].add_metrics({"confusion_matrix": MulticlassConfusionMatrix(self.hparams.num_classes)})
+
+    figure_keys = ("confusion_matrix",)
+
+    def test_figures(self) -> dict[str, tuple]:
+        cm = getattr(self, "test_figure_values", {}).get("confusion_matrix")
+        return {} if cm is None else {"confusion_matrix": (cm.cpu(), self.class_names)}
 
     def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mixup is None or x.shape[0] < 2:

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score, MulticlassRecall
+from torchmetrics.classification import (MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score, MulticlassRecall,
+                                         MulticlassROC)
 
 from .base import ZooTask
 
@@ -27,6 +28,21 @@ class MILTask(ZooTask):
             "f1": MulticlassF1Score(c, average="macro"),
             "auroc": MulticlassAUROC(c, average="macro"),
         }, compute_groups=False)  # no state sharing by coincidence of the first batch (see classification.py)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # test split only: roc.png (zoo.plots); exact thresholds: MIL test sets are bags, not pixels
+        self.metrics["test"].add_metrics({"roc": MulticlassROC(self.hparams.num_classes)})
+
+    figure_keys = ("roc",)
+
+    def test_figures(self) -> dict[str, tuple]:
+        roc = getattr(self, "test_figure_values", {}).get("roc")
+        if roc is None:
+            return {}
+        fpr, tpr, _ = roc
+        classes = range(1, len(fpr)) if len(fpr) == 2 else range(len(fpr))  # binary: the positive class's curve
+        return {"roc": ({self.class_names[c]: (fpr[c].cpu(), tpr[c].cpu()) for c in classes},)}
 
     def unpack(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, dict]:
         bags, mask, y = batch

@@ -156,6 +156,12 @@ class SegmentationTask(ZooTask):
         super().__init__(*args, **kwargs)
         self.metrics["test"] = self.make_metrics(surface=True)  # surface distances cost CPU: test split only
 
+    figure_keys = ("per_class_iou",)
+
+    def test_figures(self) -> dict[str, tuple]:
+        iou = getattr(self, "test_figure_values", {}).get("per_class_iou")
+        return {} if iou is None else {"per_class_iou": (iou.cpu(), self.class_names)}
+
     def make_metrics(self, surface: bool = False) -> SegmentationMetrics:
         spacing = (self.hparams.get("data_info") or {}).get("spacing")
         return SegmentationMetrics(self.hparams.num_classes, surface=surface, spacing=spacing)
@@ -171,6 +177,7 @@ class SegmentationTask(ZooTask):
         out.update({f"dice_{n}": v for n, v in zip(self.class_names, s["dice"])})
         out.update({f"vs_{n}": v for n, v in zip(self.class_names, s["vs"])})
         out = {k: torch.nan_to_num(v.float(), nan=0.0) for k, v in out.items()}
+        out["per_class_iou"] = s["iou"].float()  # a figure_key: per_class_iou.png, not logged
         if metrics.surface is not None:  # NaN kept: 0 would read as a perfect distance
             for key, v in metrics.surface.compute().items():
                 out[key] = v[fg].float().nanmean()
