@@ -15,6 +15,7 @@ from zoo.scale import (checkpointing_saving, compile_backend, effective_batch, o
 from zoo.tasks.base import lr_lambda
 
 SHORT = ["trainer.max_epochs=1", "+trainer.limit_val_batches=1", "test=false", "logger=none",
+         "+data.val_fraction=0.05", "+data.test_fraction=0.85", "+trainer.num_sanity_val_steps=0",
          "~callbacks.rich_progress_bar", "~callbacks.rich_model_summary",
          "~callbacks.lr_monitor"]
 
@@ -79,7 +80,7 @@ def test_accumulation_matches_more_devices(compose_cfg, monkeypatch, caplog):
     step (the k-device schedule computed, not launched); the real run steps the optimizer 1/k as often."""
     import train as train_mod
 
-    b, k, base = 128, 2, 64
+    b, k, base = 16, 2, 8
     rec = _Record()
     monkeypatch.setattr(train_mod, "reliability_callbacks", lambda: [rec])
     cfg = compose_cfg("train", ["model=vit_nano", *SHORT, f"data.batch_size={b}", f"optim.accumulate={k}",
