@@ -241,7 +241,8 @@ class ZooTask(L.LightningModule):
         name = o["name"].lower()
         lr = self._scaled_lr()
         if name == "adamw":
-            impl = optimizer_impl(self.net.parameters(), clipping=bool(self.trainer.gradient_clip_val))
+            clipping = self._trainer is not None and bool(self._trainer.gradient_clip_val)
+            impl = optimizer_impl(self.net.parameters(), clipping=clipping)
             opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(o["betas"]), **impl)
         elif name == "sgd":
             opt = torch.optim.SGD(groups, lr=lr, momentum=o["momentum"], nesterov=bool(o.get("nesterov", True)),
@@ -257,15 +258,14 @@ class ZooTask(L.LightningModule):
 
     def _scaled_lr(self) -> float:
         """``optim.lr``, scaled by the effective batch when ``optim.lr_base_batch`` is set; logged once."""
-        o, trainer = self.optim, self.trainer
-        dm = trainer.datamodule
+        o, trainer = self.optim, self._trainer
+        dm = trainer.datamodule if trainer is not None else None
         batch = (dm.hparams.get("batch_size") if dm is not None else None) or 0
+        world, accumulate = (trainer.world_size, trainer.accumulate_grad_batches) if trainer is not None else (1, 1)
         if batch and trainer.is_global_zero:
-            log.info("%s", lr_plan_line(o["lr"], batch, trainer.world_size, trainer.accumulate_grad_batches,
-                                        o.get("lr_base_batch")))
+            log.info("%s", lr_plan_line(o["lr"], batch, world, accumulate, o.get("lr_base_batch")))
         if o.get("lr_base_batch") is None:
             return float(o["lr"])
         if not batch:
             raise ValueError("optim.lr_base_batch needs the datamodule's batch_size (fit with datamodule=...)")
-        eff = effective_batch(batch, trainer.world_size, trainer.accumulate_grad_batches)
-        return scaled_lr(o["lr"], eff, o["lr_base_batch"])
+        return scaled_lr(o["lr"], effective_batch(batch, world, accumulate), o["lr_base_batch"])
