@@ -91,25 +91,24 @@ class ZooTask(L.LightningModule):
         self.class_names = list((data_info or {}).get("class_names") or [str(i) for i in range(num_classes)])
         self.metrics = nn.ModuleDict({s: self.make_metrics() for s in ("val", "test")})
         # run-time choices, not hyper-parameters (a checkpoint loads the same without them): set_runtime()
-        self.channels_last: bool | str = False
-        self.compile: bool | str = False
+        self._runtime: dict[str, bool | str] = {"channels_last": False, "compile": False}
         self._channels_last_on = self._compiled = False
 
     def set_runtime(self, channels_last: bool | str = False, compile: bool | str = False) -> "ZooTask":
         """``model.channels_last`` (true/false/auto) and ``trainer.compile``, applied in :meth:`configure_model`
         once the device is known."""
         compile_backend(compile)  # a bad value fails now, not after the data is set up
-        self.channels_last, self.compile = channels_last, compile
+        self._runtime = {"channels_last": channels_last, "compile": compile}  # not self.compile: nn.Module's method
         return self
 
     def configure_model(self) -> None:
         """Lightning calls this on the trainer's device before fit/test. ``net.compile()`` compiles the module's
         call in place, so state_dict keys stay the net's own (no ``_orig_mod.``)."""
         device = self.trainer.strategy.root_device.type if self._trainer is not None else "cpu"
-        if not self._channels_last_on and use_channels_last(self.channels_last, self.net, device):
+        if not self._channels_last_on and use_channels_last(self._runtime["channels_last"], self.net, device):
             self.net.to(memory_format=torch.channels_last)
             self._channels_last_on = True
-        backend = compile_backend(self.compile)
+        backend = compile_backend(self._runtime["compile"])
         if backend and not self._compiled:
             self.net.compile(backend=backend)
             self._compiled = True
