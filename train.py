@@ -26,6 +26,7 @@ from zoo.config_store import check_model_overrides, register_model_configs
 from zoo.errors import ZooError
 from zoo.plots import write_run_figures
 from zoo.runlock import check_run_dir_free, check_run_dir_writable, run_dir_lock
+from zoo.scale import accumulate_grad_batches
 from zoo.runner import build_task, flat_metrics, prepare_data, print_metrics_table, write_metrics
 from zoo.validate import check_mandatory, check_run_config, missing_keys
 from zoo.weights import atomic_write, safe_load
@@ -66,8 +67,11 @@ def check_config(cfg: DictConfig, training: bool = True) -> None:
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict:
-    """``cfg.trainer`` as Trainer kwargs; SyncBatchNorm needs GPUs, so DDP on CPU (gloo) runs without it."""
+    """``cfg.trainer`` as Trainer kwargs; SyncBatchNorm needs GPUs, so DDP on CPU (gloo) runs without it.
+    ``trainer.compile`` is the zoo's (the task compiles its net); ``optim.accumulate`` -> accumulate_grad_batches."""
     kw = container(cfg.trainer)
+    kw.pop("compile", None)
+    kw["accumulate_grad_batches"] = accumulate_grad_batches(kw, container(cfg.get("optim")))
     accelerator = str(kw.get("accelerator", "auto"))
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if kw.get("sync_batchnorm") and not on_gpu:
@@ -133,7 +137,8 @@ def _fit_and_test(cfg: DictConfig, ckpt_path: str | None, out_dir: Path) -> dict
 
     dm = instantiate(cfg.data, _convert_="all")
     prepare_data(dm, cfg.model.name)
-    task = build_task(container(cfg.model), dm, optim=container(cfg.optim), init_from=cfg.get("init_from"))
+    task = build_task(container(cfg.model), dm, optim=container(cfg.optim), init_from=cfg.get("init_from"),
+                      compile=cfg.trainer.get("compile", False))
 
     callbacks = build_callbacks(cfg, task.monitor, task.monitor_mode) + reliability_callbacks()
     trainer = L.Trainer(**trainer_kwargs(cfg), callbacks=callbacks, logger=build_loggers(cfg) or False,

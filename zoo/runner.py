@@ -11,6 +11,7 @@ from torch import nn
 
 from .errors import TaskMismatchError
 from .registry import constructor_kwargs, create_model, get_spec
+from .scale import enable_grad_checkpointing
 from .spec import RunInput, resolve_run_input
 from .tasks import TASKS, ZooTask
 from .weights import extract_state_dict, load_into, safe_load
@@ -78,8 +79,10 @@ def init_from_checkpoint(net: nn.Module, path: str) -> list[str]:
     return load_into(net, sd, source=str(path))
 
 
-def build_task(model_cfg: dict, dm: Any, optim: dict | None = None, init_from: str | None = None) -> ZooTask:
-    """Create the net the config names, sized for ``dm``, and wrap it in its task's LightningModule."""
+def build_task(model_cfg: dict, dm: Any, optim: dict | None = None, init_from: str | None = None,
+               compile: bool | str = False) -> ZooTask:
+    """Create the net the config names, sized for ``dm``, and wrap it in its task's LightningModule
+    (``model.grad_checkpointing``, ``model.channels_last`` and ``trainer.compile`` wired in here)."""
     name = model_cfg["name"]
     kwargs = {**dict(model_cfg.get("kwargs") or {}), **net_input_kwargs(name, dm)}
     net = create_model(
@@ -91,15 +94,17 @@ def build_task(model_cfg: dict, dm: Any, optim: dict | None = None, init_from: s
     )
     if init_from:
         init_from_checkpoint(net, init_from)
-    task_cls = TASKS[get_spec(name).task]
-    return task_cls(
+    task = get_spec(name).task
+    if model_cfg.get("grad_checkpointing", False):
+        enable_grad_checkpointing(net, task, name)
+    return TASKS[task](
         net,
         model={"name": name, "kwargs": kwargs},
         num_classes=dm.num_classes,
         optim=optim,
         data_info=data_info(dm),
         freeze_backbone=bool(model_cfg.get("freeze_backbone", False)),
-    )
+    ).set_runtime(channels_last=model_cfg.get("channels_last", False), compile=compile)
 
 
 def load_task(ckpt_path: str, map_location: str = "cpu") -> ZooTask:

@@ -20,9 +20,10 @@ class ConfigError(ZooError, ValueError):
 
 
 MODEL_KEYS = {"name": str, "kwargs": dict, "pretrained": bool, "pretrained_file": (str, type(None)),
-              "freeze_backbone": bool}
+              "freeze_backbone": bool, "grad_checkpointing": bool, "channels_last": (bool, str)}
 # a model config's values unless configs/model/NAME.yaml says otherwise (zoo.config_store stores them)
-MODEL_DEFAULTS = {"pretrained": False, "pretrained_file": None, "freeze_backbone": False, "kwargs": {}}
+MODEL_DEFAULTS = {"pretrained": False, "pretrained_file": None, "freeze_backbone": False, "kwargs": {},
+                  "grad_checkpointing": False, "channels_last": "auto"}
 
 
 def _import(target: str) -> Any:
@@ -176,7 +177,10 @@ RANGES: dict[tuple[str, str], tuple[Callable[[float], bool], str]] = {
     ("optim", "warmup_lr_ratio"): _at_least(0),
     ("optim", "min_lr_ratio"): _at_least(0),
     ("optim", "label_smoothing"): FRACTION,
+    ("optim", "accumulate"): _at_least(1),
+    ("optim", "lr_base_batch"): _at_least(1),
 }
+INT_KEYS = {("optim", "accumulate"), ("optim", "lr_base_batch")}  # counts: 1.5 batches mean nothing
 
 
 def check_ranges(section: str, values: dict[str, Any]) -> None:
@@ -186,6 +190,8 @@ def check_ranges(section: str, values: dict[str, Any]) -> None:
         if rule is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         ok, want = rule
+        if (section, key) in INT_KEYS and not isinstance(value, int):
+            raise ConfigError(f"{section}.{key}={value!r} has the wrong type ({type(value).__name__}); it takes an int")
         if not ok(value):
             raise ConfigError(f"{section}.{key}={value!r} is out of range; {section}.{key} must be {want}")
     if section == "data":
@@ -202,6 +208,7 @@ def check_run_config(cfg: dict[str, Any], *, training: bool = True) -> None:
 
     from .data.common import ZooDataModule
     from .registry import get_spec
+    from .scale import CHANNELS_LAST, compile_backend
 
     check_mandatory([k for section, values in cfg.items() if isinstance(values, dict)
                      for k in _missing_in(section, values)])
@@ -223,9 +230,13 @@ def check_run_config(cfg: dict[str, Any], *, training: bool = True) -> None:
             raise ConfigError(f"model.{key}={value!r} has the wrong type ({type(value).__name__})")
     if "name" in model:
         get_spec(model["name"])  # UnknownModelError with close matches
+    if "channels_last" in model:
+        check_choice("model", "channels_last", model["channels_last"], CHANNELS_LAST)
 
     trainer = dict(cfg.get("trainer") or {})
-    check_kwargs("trainer", L.Trainer.__init__, trainer, skip=("callbacks", "logger", "plugins", "default_root_dir"))
+    check_kwargs("trainer", L.Trainer.__init__, trainer,
+                 skip=("callbacks", "logger", "plugins", "default_root_dir", "compile"))
+    compile_backend(trainer.get("compile"))  # the zoo's key: false, true or a backend name
     check_ranges("trainer", trainer)
 
     if training and cfg.get("optim") is not None:
@@ -237,6 +248,9 @@ def check_run_config(cfg: dict[str, Any], *, training: bool = True) -> None:
             default = DEFAULT_OPTIM.get(key)
             if key == "name":
                 check_choice("optim", "name", str(value).lower(), ("adamw", "sgd"))
+            elif key == "lr_base_batch" and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"optim.lr_base_batch={value!r} has the wrong type; it takes null or an int "
+                                  "(the batch optim.lr is given for)")
             elif isinstance(default, (int, float)) and not isinstance(default, bool):
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ConfigError(f"optim.{key}={value!r} has the wrong type ({type(value).__name__}); "

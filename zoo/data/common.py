@@ -237,6 +237,7 @@ class ZooDataModule(L.LightningDataModule):
             batch_size=hp.batch_size,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
+            pin_memory=self.pin_memory,
             collate_fn=type(self).collate_fn,
         )
         if train:
@@ -249,6 +250,12 @@ class ZooDataModule(L.LightningDataModule):
                 drop_last=len(dataset) > hp.batch_size and len(dataset) % hp.batch_size == 1,
             )
         return DataLoader(dataset, **kwargs)
+
+    @property
+    def pin_memory(self) -> bool:
+        """Page-locked batches when the trainer runs on CUDA (asynchronous host-to-device copies)."""
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def _resume_position(self) -> tuple[int, int]:
         """(epoch, items already trained on in it) when Lightning restores a fit from a checkpoint

@@ -103,7 +103,7 @@ class SegmentationDataModule(ZooDataModule):
 
         hp = self.hparams
         return DataLoader(dataset, batch_size=1, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
-                          collate_fn=type(self).collate_fn)
+                          pin_memory=self.pin_memory, collate_fn=type(self).collate_fn)
 
     def _load_classes(self) -> list[str]:
         hp = self.hparams

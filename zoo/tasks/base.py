@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import itertools
+import logging
 import math
 from typing import Any
 
@@ -19,11 +20,15 @@ from torch import nn
 from ..contract import capabilities, no_weight_decay
 from ..errors import NonFiniteError
 from ..registry import create_model
+from ..scale import compile_backend, effective_batch, lr_plan_line, optimizer_impl, scaled_lr, use_channels_last
+
+log = logging.getLogger("zoo.train")
 
 DEFAULT_OPTIM = dict(
     name="adamw", lr=1e-3, weight_decay=0.05, momentum=0.9, betas=(0.9, 0.999),
     warmup_epochs=1.0, warmup_lr_ratio=0.01, min_lr_ratio=0.01, scheduler="cosine", label_smoothing=0.0,
     mixup_alpha=0.0, cutmix_alpha=0.0, mixup_prob=1.0, mixup_switch_prob=0.5,  # classification only (timm Mixup)
+    accumulate=1, lr_base_batch=None,  # gradient accumulation; DeiT's lr x effective batch / lr_base_batch
 )
 
 
@@ -53,6 +58,12 @@ def warmup_cosine(step: int, total: int, warmup: int, warmup_ratio: float, min_r
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def lr_lambda(o: dict, total: int, max_epochs: int | None):
+    """The LR multiplier per optimizer step for ``total`` steps over ``max_epochs`` (warmup in epochs)."""
+    warmup = int(total * float(o["warmup_epochs"]) / max(1, max_epochs or 1))
+    return lambda s: warmup_cosine(s, total, warmup, o["warmup_lr_ratio"], o["min_lr_ratio"])
+
+
 class ZooTask(L.LightningModule):
     """Base LightningModule: subclasses set ``task``, ``monitor`` and implement the metric hooks."""
 
@@ -79,6 +90,32 @@ class ZooTask(L.LightningModule):
         self.num_classes = num_classes
         self.class_names = list((data_info or {}).get("class_names") or [str(i) for i in range(num_classes)])
         self.metrics = nn.ModuleDict({s: self.make_metrics() for s in ("val", "test")})
+        # run-time choices, not hyper-parameters (a checkpoint loads the same without them): set_runtime()
+        self._runtime: dict[str, bool | str] = {"channels_last": False, "compile": False}
+        self._channels_last_on = self._compiled = False
+
+    def set_runtime(self, channels_last: bool | str = False, compile: bool | str = False) -> "ZooTask":
+        """``model.channels_last`` (true/false/auto) and ``trainer.compile``, applied in :meth:`configure_model`
+        once the device is known."""
+        compile_backend(compile)  # a bad value fails now, not after the data is set up
+        self._runtime = {"channels_last": channels_last, "compile": compile}  # not self.compile: nn.Module's method
+        return self
+
+    def configure_model(self) -> None:
+        """Lightning calls this on the trainer's device before fit/test. ``net.compile()`` compiles the module's
+        call in place, so state_dict keys stay the net's own (no ``_orig_mod.``)."""
+        device = self.trainer.strategy.root_device.type if self._trainer is not None else "cpu"
+        if not self._channels_last_on and use_channels_last(self._runtime["channels_last"], self.net, device):
+            self.net.to(memory_format=torch.channels_last)
+            self._channels_last_on = True
+        backend = compile_backend(self._runtime["compile"])
+        if backend and not self._compiled:
+            self.net.compile(backend=backend)
+            self._compiled = True
+
+    def to_memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        """Image batches follow the net into channels_last (a layout mismatch would copy in every conv)."""
+        return x.contiguous(memory_format=torch.channels_last) if self._channels_last_on and x.ndim == 4 else x
 
     # ------------------------------------------------------------------ hooks for subclasses
     @abc.abstractmethod
@@ -109,7 +146,7 @@ class ZooTask(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, kw = self.unpack(batch)
-        x, y = self.mix(x, y)
+        x, y = self.mix(self.to_memory_format(x), y)
         if capabilities(self.net).own_objective:
             logits, losses = self.net.forward_train(x, y, **kw)
         else:
@@ -128,6 +165,7 @@ class ZooTask(L.LightningModule):
 
     def _eval_step(self, batch: Any, stage: str, batch_idx: int = 0) -> None:
         x, y, kw = self.unpack(batch)
+        x = self.to_memory_format(x)
         logits = self.eval_forward(x, **kw)
         loss = self.criterion(logits, y)
         self._check_finite(stage, batch_idx, x, logits, loss)
@@ -209,18 +247,33 @@ class ZooTask(L.LightningModule):
         no_decay = no_weight_decay(self.net, self.task)
         groups = param_groups_weight_decay(self.net, o["weight_decay"], no_weight_decay_list=no_decay)
         name = o["name"].lower()
+        lr = self._scaled_lr()
         if name == "adamw":
-            opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]))
+            clipping = self._trainer is not None and bool(self._trainer.gradient_clip_val)
+            impl = optimizer_impl(self.net.parameters(), clipping=clipping)
+            opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(o["betas"]), **impl)
         elif name == "sgd":
-            opt = torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], nesterov=bool(o.get("nesterov", True)))
+            opt = torch.optim.SGD(groups, lr=lr, momentum=o["momentum"], nesterov=bool(o.get("nesterov", True)),
+                                  foreach=True)
         else:
             raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {o['name']!r}")
         if o.get("scheduler", "cosine") in (None, "none"):
             return opt
+        # optimizer steps (Lightning divides by accumulate_grad_batches), and the scheduler steps with the optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = max(1, self.trainer.max_epochs or 1)
-        warmup = int(total * float(o["warmup_epochs"]) / epochs)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, total, warmup, o["warmup_lr_ratio"], o["min_lr_ratio"])
-        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, total, self.trainer.max_epochs))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _scaled_lr(self) -> float:
+        """``optim.lr``, scaled by the effective batch when ``optim.lr_base_batch`` is set; logged once."""
+        o, trainer = self.optim, self._trainer
+        dm = trainer.datamodule if trainer is not None else None
+        batch = (dm.hparams.get("batch_size") if dm is not None else None) or 0
+        world, accumulate = (trainer.world_size, trainer.accumulate_grad_batches) if trainer is not None else (1, 1)
+        if batch and trainer.is_global_zero:
+            log.info("%s", lr_plan_line(o["lr"], batch, world, accumulate, o.get("lr_base_batch")))
+        if o.get("lr_base_batch") is None:
+            return float(o["lr"])
+        if not batch:
+            raise ValueError("optim.lr_base_batch needs the datamodule's batch_size (fit with datamodule=...)")
+        return scaled_lr(o["lr"], effective_batch(batch, world, accumulate), o["lr_base_batch"])
