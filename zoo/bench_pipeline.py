@@ -88,16 +88,22 @@ def compose_train_config(overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from omegaconf import OmegaConf
+
     from .config_store import CONFIG_DIR, check_model_overrides, register_model_configs
+    from .validate import check_mandatory, check_run_config, missing_keys
 
     register_model_configs()
     check_model_overrides(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return compose(config_name="train", overrides=overrides)
+            cfg = compose(config_name="train", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise ZooError(f"bad config override: {' '.join(str(e).split())}") from None
+    check_mandatory(missing_keys(cfg))  # data.root=??? and the like, named as train.py names them
+    check_run_config({k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "trainer", "optim")})
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -190,14 +196,13 @@ def bench_pipeline(model: str, overrides: list[str] | None = None, *, batch_size
     Lightning loop against a plain loop, for ``model`` on the data ``overrides`` name (Hydra overrides of
     ``configs/train.yaml``, e.g. ``["data=digits"]``). ``synthetic``: ``{"n", "size", "cache"}`` writes (once)
     and uses a JPEG folder with ``data=imagefolder``. Rates are images/s; see the module docstring."""
+    if steps < 1 or warmup < 1 or (batch_size is not None and batch_size < 1):
+        raise ZooError("--steps, --warmup and --batch-size must be >= 1")
     import lightning as L
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from .runner import build_task, prepare_data
-
-    if steps < 1 or warmup < 1:
-        raise ZooError("--steps and the warm-up must be >= 1")
     overrides = [f"model={model}", *(overrides or [])]
     if synthetic:
         root = write_synthetic_jpegs(synthetic["n"], synthetic["size"], synthetic.get("cache"))
