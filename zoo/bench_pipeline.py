@@ -203,6 +203,7 @@ def bench_pipeline(model: str, overrides: list[str] | None = None, *, batch_size
     from omegaconf import OmegaConf
 
     from .runner import build_task, prepare_data
+
     overrides = [f"model={model}", *(overrides or [])]
     if synthetic:
         root = write_synthetic_jpegs(synthetic["n"], synthetic["size"], synthetic.get("cache"))
