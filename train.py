@@ -15,7 +15,6 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -26,8 +25,8 @@ from zoo.config_store import check_model_overrides, register_model_configs
 from zoo.errors import ZooError
 from zoo.plots import write_run_figures
 from zoo.runlock import check_run_dir_free, check_run_dir_writable, run_dir_lock
-from zoo.scale import accumulate_grad_batches
 from zoo.runner import build_task, flat_metrics, prepare_data, print_metrics_table, write_metrics
+from zoo.runner import trainer_kwargs as runner_trainer_kwargs
 from zoo.validate import check_mandatory, check_run_config, missing_keys
 from zoo.weights import atomic_write, safe_load
 
@@ -67,17 +66,8 @@ def check_config(cfg: DictConfig, training: bool = True) -> None:
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict:
-    """``cfg.trainer`` as Trainer kwargs; SyncBatchNorm needs GPUs, so DDP on CPU (gloo) runs without it.
-    ``trainer.compile`` is the zoo's (the task compiles its net); ``optim.accumulate`` -> accumulate_grad_batches."""
-    kw = container(cfg.trainer)
-    kw.pop("compile", None)
-    kw["accumulate_grad_batches"] = accumulate_grad_batches(kw, container(cfg.get("optim")))
-    accelerator = str(kw.get("accelerator", "auto"))
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if kw.get("sync_batchnorm") and not on_gpu:
-        log.info("trainer.sync_batchnorm ignored: SyncBatchNorm needs GPUs (DDP on CPU syncs gradients only)")
-        kw["sync_batchnorm"] = False
-    return kw
+    """``cfg.trainer`` as Trainer kwargs (:func:`zoo.runner.trainer_kwargs`)."""
+    return runner_trainer_kwargs(container(cfg.trainer), container(cfg.get("optim")))
 
 
 def find_latest_run(root: str | Path) -> Path | None:

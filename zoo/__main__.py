@@ -4,6 +4,7 @@
   python -m zoo info halonet_tiny
   python -m zoo table [--write README.md]
   python -m zoo bench 'halonet*' timm:resnet18 --img-size 64 --batch-size 8 --train [--json]
+  python -m zoo bench-pipeline halonet_tiny --data data=digits [--synthetic-jpeg 500 --size 224x224] [--workers 0,1,2] [--json]
   python -m zoo explain --model biformer_tiny --pretrained-file w.safetensors cat.jpg --out maps/
   python -m zoo explain --ckpt outputs/.../best.ckpt img1.png img2.png --out maps/ [--top-traits 4]
   python -m zoo predict --ckpt outputs/.../best.ckpt photos/ list.csv --out preds/ [--top-k 3] [--explain]
@@ -194,6 +195,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if any(r.get("error") for r in rows) else 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ZooError(f"--workers takes comma-separated counts, e.g. 0,1,2; got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise ZooError(f"--workers counts must be >= 0, got {text!r}")
+    return values
+
+
+def cmd_bench_pipeline(args: argparse.Namespace) -> int:
+    from .bench_pipeline import bench_pipeline, format_report, parse_size
+
+    synthetic = None
+    if args.synthetic_jpeg is not None:
+        synthetic = {"n": args.synthetic_jpeg, "size": parse_size(args.size), "cache": args.cache}
+    elif args.size != "224x224" or args.cache:
+        raise ZooError("--size and --cache go with --synthetic-jpeg N")
+    r = bench_pipeline(args.model, args.data, batch_size=args.batch_size, img_size=args.img_size, steps=args.steps,
+                       warmup=args.warmup, workers=_int_list(args.workers), synthetic=synthetic)
+    if args.json:
+        _json_out(r)
+        return 0
+    table, lines = format_report(r)
+    console = _console()
+    console.print(table)
+    for line in lines:
+        console.print(line, soft_wrap=True, highlight=False)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- explain
 def cmd_explain(args: argparse.Namespace) -> int:
     import torch
@@ -280,7 +312,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description="Attention Zoo: list, inspect, benchmark and explain models.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{list,info,bench,explain,predict,table,extract-features,export,save,push,results}")
+    sub = p.add_subparsers(dest="command", required=True,
+                           metavar="{list,info,bench,bench-pipeline,explain,predict,table,extract-features,export,save,push,results}")
 
     s = sub.add_parser("list", help="registered models, with task, parameters and input size")
     s.add_argument("pattern", nargs="?", default="*", help="wildcard over names, e.g. 'halonet*'")
@@ -319,6 +352,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-isolate", action="store_true", help="run all models in this process (faster start)")
     s.add_argument("--json", action="store_true", help="print only a JSON list of rows")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("bench-pipeline", help="train-step rate of the net, the data loader and train.py's loop, in one run")
+    s.add_argument("model")
+    s.add_argument("--data", nargs="*", default=[], metavar="OVERRIDE",
+                   help="train.py config overrides, e.g. data=digits or data=imagefolder data.root=DIR")
+    s.add_argument("--synthetic-jpeg", type=int, default=None, metavar="N",
+                   help="write (once) N JPEGs in ImageNet layout and run on them with data=imagefolder")
+    s.add_argument("--size", default="224x224", metavar="WxH", help="size of the synthetic JPEGs")
+    s.add_argument("--cache", default=None, metavar="DIR",
+                   help="folder for the synthetic JPEGs (default ~/.cache/attention_zoo/synthetic_jpeg)")
+    s.add_argument("--batch-size", type=int, default=None, help="default: the data config's")
+    s.add_argument("--img-size", type=int, default=None, help="default: the data config's (else the model's)")
+    s.add_argument("--steps", type=int, default=10, help="timed steps of each loop")
+    s.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    s.add_argument("--workers", default="0,1,2", help="loader worker counts to time (the config's is added)")
+    s.add_argument("--json", action="store_true", help="print only the results as JSON")
+    s.set_defaults(func=cmd_bench_pipeline)
 
     s = sub.add_parser("explain", help="write attention-map overlays (PNG) for images")
     src = s.add_mutually_exclusive_group(required=True)

@@ -58,7 +58,7 @@ from .contract import capabilities
 from .errors import InputSizeError, UnknownModelError, ZooError
 from .registry import ModelSpec, get_spec, list_models
 
-__all__ = ["benchmark", "BenchmarkError", "ROW_KEYS", "format_table"]
+__all__ = ["benchmark", "BenchmarkError", "ROW_KEYS", "format_table", "time_train_steps"]
 
 ROW_KEYS = (
     "model", "task", "img_size", "batch_size", "device", "dtype", "params_m", "gflops",
@@ -332,6 +332,38 @@ def _count_gmacs(model: nn.Module, x1: torch.Tensor) -> float:
     return counter.get_total_flops() / 2 / 1e9
 
 
+def time_train_steps(model: nn.Module, batches: list, opt: torch.optim.Optimizer, *, warmup: int = 3,
+                     iters: int = 10, device: torch.device | str = "cpu", amp: Any = None,
+                     mem: _PeakMemory | None = None) -> float:
+    """Mean seconds of one training step (zero_grad, forward, loss, backward, ``opt.step()``) over ``iters``
+    steps, after ``max(1, warmup)`` untimed ones (the first creates grads and optimizer state). The steps
+    cycle over ``batches``, a list of device-resident ``(x, target)`` (one pair: a fixed batch; target
+    None: the loss is the mean of the logits). ``mem``, if given, is started and stopped around the timed steps."""
+    device = torch.device(device)
+    amp = amp if amp is not None else contextlib.nullcontext()
+
+    def step(x: torch.Tensor, target: torch.Tensor | None) -> None:
+        opt.zero_grad(set_to_none=True)
+        with amp:
+            out = model(x)
+        _loss(_logits(out), target).backward()
+        opt.step()
+
+    for i in range(max(1, warmup)):
+        step(*batches[i % len(batches)])
+    _sync(device)
+    if mem is not None:
+        mem.start()
+    t0 = time.perf_counter()
+    for i in range(iters):
+        step(*batches[i % len(batches)])
+    _sync(device)
+    dt = (time.perf_counter() - t0) / iters
+    if mem is not None:
+        mem.stop()
+    return dt
+
+
 def _run_one(job: dict[str, Any]) -> dict[str, Any]:
     """Benchmark one model in this process; returns its row."""
     torch.manual_seed(0)
@@ -392,25 +424,8 @@ def _run_one(job: dict[str, Any]) -> dict[str, Any]:
     if job["train"]:
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            with amp:
-                out = run(x)
-            _loss(_logits(out), target).backward()
-            opt.step()
-
         mem = _PeakMemory(device)
-        for _ in range(max(1, warmup)):  # at least one: creates grads and momentum buffers
-            step()
-        _sync(device)
-        mem.start()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            step()
-        _sync(device)
-        dt = (time.perf_counter() - t0) / iters
-        mem.stop()
+        dt = time_train_steps(run, [(x, target)], opt, warmup=warmup, iters=iters, device=device, amp=amp, mem=mem)
         row["train_samples_per_sec"] = _sig(b / dt)
         row["train_step_ms"] = _sig(dt * 1e3)
         row["train_peak_mem_mb"] = _sig(mem.mb)

@@ -145,3 +145,22 @@ def print_metrics_table(metrics: dict[str, float], title: str = "Test metrics") 
     for k, v in metrics.items():
         table.add_row(k, f"{v:.4f}")
     Console().print(table)
+
+
+def trainer_kwargs(trainer: dict, optim: dict | None = None) -> dict:
+    """A run's ``trainer`` config as ``lightning.Trainer`` kwargs: ``trainer.compile`` is the zoo's (the task
+    compiles its net), ``optim.accumulate`` -> ``accumulate_grad_batches``, and SyncBatchNorm (GPUs only) is
+    dropped for DDP on CPU (gloo syncs gradients only)."""
+    import logging
+
+    from .scale import accumulate_grad_batches
+
+    kw = dict(trainer)
+    kw.pop("compile", None)
+    kw["accumulate_grad_batches"] = accumulate_grad_batches(kw, dict(optim or {}))
+    accelerator = str(kw.get("accelerator", "auto"))
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if kw.get("sync_batchnorm") and not on_gpu:
+        logging.getLogger("zoo.train").info("trainer.sync_batchnorm ignored: SyncBatchNorm needs GPUs")
+        kw["sync_batchnorm"] = False
+    return kw
