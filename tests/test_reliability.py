@@ -298,7 +298,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(compose_cfg, tm
     ("+optim.lrr=0.1", "unknown config key optim.lrr. Did you mean lr"),
     ("+trainer.max_epoch=3", "Did you mean max_epochs"),
     ("data.dataset=digitz", "choose one of .*digits"),
-    ("+model.kwargz={}", "Valid keys of model: freeze_backbone, kwargs, name"),
+    ("+model.kwargz={}", "Valid keys of model: channels_last, freeze_backbone, grad_checkpointing, kwargs, name"),
 ])
 def test_config_errors_name_key_and_choices_before_data_loads(override, message, compose_cfg, tmp_path):
     from zoo.validate import ConfigError
