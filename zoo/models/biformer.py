@@ -24,6 +24,17 @@ Documented choices / deviations:
   with one ``index_select`` (the single k-fold copy the algorithm needs: each region attends to its own set),
   and attention runs in ``F.scaled_dot_product_attention`` on strided views (no further copies).
   Side-by-side speed and memory against the official code: ``results/biformer.md``.
+- **attn_impl** (constructor kwarg of :class:`BiFormer` / ``create_model``, not in the state dict):
+  ``"gather"`` (default, above) or ``"flex"``: block-sparse ``torch.compile(flex_attention)``, no k-fold
+  copy. Per image, all regions' tokens form one sequence, region-major, each region one block of ``tp``
+  tokens (``t`` padded to a multiple of 16 on CUDA, the Triton kernel's smallest tile; no padding on CPU);
+  ``BlockMask.from_kv_blocks`` lists the routed regions of each query block, and the mask_mod (which eager
+  flex_attention uses alone) says the same plus the padded keys. Every block is a partial block: full blocks
+  (no mask_mod) hit a C++ codegen error in torch 2.14's CPU kernel. Same outputs as gather (1e-7 on CPU).
+  torch 2.14 limits: no FlexAttention backward on CPU (torch raises; train on CPU with gather); each
+  (shape, grad mode) is one compile, and past dynamo's recompile limit (8) flex runs eager (correct,
+  dense). Measured on CPU flex is slower than gather (BiFormer-T 224, batch 1: 0.20 s vs 0.14 s), so gather
+  stays the default; GPU numbers: ``bench/gpu_attention.py``.
 - **Padding.** Sizes that are not multiples of ``n_win`` are always zero-padded (the official ``auto_pad``;
   without padding nothing changes). Unlike the official code, padded tokens are masked: region means are taken
   over real tokens only, regions with no real token cannot be routed to, padded keys get no attention, and LCE
