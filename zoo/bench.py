@@ -19,6 +19,7 @@ so that one model's allocations and allocator caches do not leak into the next o
   counts 2 FLOPs per multiply-add on a batch of one, and we divide by 2. This is the quantity fvcore,
   timm's benchmark script and most papers call "GFLOPs" (strictly GMACs). Only the operators the
   counter knows (matmuls, convolutions, attention kernels) are counted; element-wise ops are not.
+  ``None`` (with ``gflops_error``) where the counter cannot run the model (FlexAttention on CPU).
 * ``peak_mem_mb``: the larger of ``infer_peak_mem_mb`` and ``train_peak_mem_mb``, in MiB, each
   measured over that phase's timed steps (so ``torch.compile`` time is not in it).
   CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``: absolute, so it
@@ -388,7 +389,10 @@ def _run_one(job: dict[str, Any]) -> dict[str, Any]:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     row["params_m"] = _sig(sum(p.numel() for p in model.parameters()) / 1e6)
-    row["gflops"] = _sig(_count_gmacs(model, x[:1]))
+    try:
+        row["gflops"] = _sig(_count_gmacs(model, x[:1]))
+    except Exception as e:  # noqa: BLE001 - e.g. FlexAttention cannot run under torch's counter: time it anyway
+        row["gflops"], row["gflops_error"] = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
     run = torch.compile(model) if job["compile"] else model
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if job["amp"] else contextlib.nullcontext()

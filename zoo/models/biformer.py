@@ -24,6 +24,17 @@ Documented choices / deviations:
   with one ``index_select`` (the single k-fold copy the algorithm needs: each region attends to its own set),
   and attention runs in ``F.scaled_dot_product_attention`` on strided views (no further copies).
   Side-by-side speed and memory against the official code: ``results/biformer.md``.
+- **attn_impl** (constructor kwarg of :class:`BiFormer` / ``create_model``, not in the state dict):
+  ``"gather"`` (default, above) or ``"flex"``: block-sparse ``torch.compile(flex_attention)``, no k-fold
+  copy. Per image, all regions' tokens form one sequence, region-major, each region one block of ``tp``
+  tokens (``t`` padded to a multiple of 16 on CUDA, the Triton kernel's smallest tile; no padding on CPU);
+  ``BlockMask.from_kv_blocks`` lists the routed regions of each query block, and the mask_mod (which eager
+  flex_attention uses alone) says the same plus the padded keys. Every block is a partial block: full blocks
+  (no mask_mod) hit a C++ codegen error in torch 2.14's CPU kernel. Same outputs as gather (1e-7 on CPU).
+  torch 2.14 limits: no FlexAttention backward on CPU (torch raises; train on CPU with gather); each
+  (shape, grad mode) is one compile, and past dynamo's recompile limit (8) flex runs eager (correct,
+  dense). Measured on CPU flex is slower than gather (BiFormer-T 224, batch 1: 0.20 s vs 0.14 s), so gather
+  stays the default; GPU numbers: ``bench/gpu_attention.py``.
 - **Padding.** Sizes that are not multiples of ``n_win`` are always zero-padded (the official ``auto_pad``;
   without padding nothing changes). Unlike the official code, padded tokens are masked: region means are taken
   over real tokens only, regions with no real token cannot be routed to, padded keys get no attention, and LCE
@@ -78,13 +89,57 @@ def _valid_tokens(h: int, w: int, hp: int, wp: int, n_win: int, device: torch.de
     return valid.view(n_win, rh, n_win, rw).permute(0, 2, 1, 3).reshape(n_win * n_win, rh * rw)
 
 
+ATTN_IMPLS = ("gather", "flex")
+
+
+def _flex_block_multiple(device: torch.device) -> int:
+    """Region token counts are padded to a multiple of this for FlexAttention: the CUDA (Triton) kernel's
+    tiles are at least 16 wide; the CPU kernel takes any block size, so CPU pads nothing."""
+    return 16 if device.type == "cuda" else 1
+
+
+_FLEX = None
+
+
+def _flex(*args, **kwargs) -> torch.Tensor:
+    """``torch.compile(flex_attention)``, made on first use. Compiled is the only sparse path: eager
+    flex_attention materialises every score and applies the mask_mod to all of them. torch 2.14 on CPU:
+    inference only (torch refuses inputs that require grad)."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX(*args, **kwargs)
+
+
+def _routing_block_mask(idx: torch.Tensor, tp: int, keep: torch.Tensor | None):
+    """BlockMask for BRA: query block (region) i of image b reads key blocks ``idx[b, i]``, blocks of ``tp``
+    tokens. ``keep`` (``[S2 * tp]`` bool, or None when every key exists) masks padded keys inside blocks."""
+    from torch.nn.attention.flex_attention import BlockMask
+    n, s2, k = idx.shape
+    routed = torch.zeros(n, s2, s2, dtype=torch.bool, device=idx.device).scatter_(2, idx, True)
+
+    # the mask_mod must say everything: eager flex_attention ignores the block structure and uses it alone
+    def mask_mod(b, h, q_idx, kv_idx):
+        hit = routed[b, q_idx // tp, kv_idx // tp]
+        return hit if keep is None else hit & keep[kv_idx]
+
+    # kv_indices must span all S2 key blocks; columns past k are unused by the kernel (filled with idx[..., :1])
+    cols = torch.cat([idx, idx[..., :1].expand(n, s2, s2 - k)], -1).int()[:, None]
+    num = torch.full((n, 1, s2), k, dtype=torch.int32, device=idx.device)
+    return BlockMask.from_kv_blocks(num, cols, BLOCK_SIZE=tp, mask_mod=mask_mod, seq_lengths=(s2 * tp, s2 * tp))
+
+
 class BiLevelRoutingAttention(nn.Module):
     """BRA on NHWC maps (official ``ops/bra_legacy.BiLevelRoutingAttention`` with the released settings:
     ``param_attention='qkvo'``, ``kv_downsample_mode='identity'``, no routing params, no soft routing)."""
 
     def __init__(self, *, dim: int, num_heads: int, n_win: int, topk: int, qk_scale: float | None = None,
-                 side_dwconv: int = 5):
+                 side_dwconv: int = 5, attn_impl: str = "gather"):
         super().__init__()
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+        self.attn_impl = attn_impl  # not a parameter or buffer: the state-dict keys do not depend on it
         if dim % num_heads:
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
         if not 0 < topk <= n_win * n_win:
@@ -133,6 +188,8 @@ class BiLevelRoutingAttention(nn.Module):
         return q, k, v, lepe, idx, valid, (hp, wp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.attn_impl == "flex":
+            return self._forward_flex(x)
         n, h, w, c = x.shape
         s, k, heads = self.n_win, self.topk, self.num_heads
         q, kk, v, lepe, idx, valid, (hp, wp) = self._project(x)
@@ -148,6 +205,33 @@ class BiLevelRoutingAttention(nn.Module):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), ks, vs, attn_mask=mask, scale=self.scale)
         # (n*S2, heads, t, hd) -> (n, hp, wp, c)
         out = out.view(n, s, s, heads, hp // s, wp // s, c // heads).permute(0, 1, 4, 2, 5, 3, 6)
+        out = out.reshape(n, hp, wp, c)[:, :h, :w]
+        return self.proj(out + lepe)
+
+    def _forward_flex(self, x: torch.Tensor) -> torch.Tensor:
+        """Same maths as :meth:`forward`, block-sparse: one FlexAttention call per image over all its regions'
+        tokens (region-major, each region padded to ``tp`` tokens), one block per region, the block mask
+        listing the routed regions. No k-fold copy of k and v is made."""
+        n, h, w, c = x.shape
+        s, k, heads = self.n_win, self.topk, self.num_heads
+        q, kk, v, lepe, idx, valid, (hp, wp) = self._project(x)
+        t, s2 = q.shape[1], s * s
+        tp = -(-t // _flex_block_multiple(x.device)) * _flex_block_multiple(x.device)
+
+        def seq(z: torch.Tensor) -> torch.Tensor:  # (n*S2, t, heads, hd) -> (n, heads, S2*tp, hd)
+            z = z.view(n, s2, t, heads, c // heads)
+            if tp > t:
+                z = F.pad(z, (0, 0, 0, 0, 0, tp - t))
+            return z.reshape(n, s2 * tp, heads, c // heads).transpose(1, 2)
+
+        keep = None  # (S2*tp,) keys that exist: inside the image and not block padding
+        if valid is not None or tp > t:
+            keep = valid if valid is not None else torch.ones(s2, t, dtype=torch.bool, device=x.device)
+            keep = F.pad(keep, (0, tp - t)).reshape(-1)
+        out = _flex(seq(q), seq(kk), seq(v), block_mask=_routing_block_mask(idx, tp, keep), scale=self.scale)
+        # (n, heads, S2*tp, hd) -> (n, hp, wp, c)
+        out = out.view(n, heads, s, s, tp, c // heads)[:, :, :, :, :t]
+        out = out.reshape(n, heads, s, s, hp // s, wp // s, c // heads).permute(0, 2, 4, 3, 5, 1, 6)
         out = out.reshape(n, hp, wp, c)[:, :h, :w]
         return self.proj(out + lepe)
 
@@ -193,13 +277,14 @@ class Block(nn.Module):
     """``x + DWConv3x3(x)``, then pre-norm attention and MLP (official ``models/biformer.Block``). NCHW in/out."""
 
     def __init__(self, *, dim: int, num_heads: int, n_win: int, topk: int, mlp_ratio: float = 3.0,
-                 drop_path: float = 0.0, side_dwconv: int = 5, before_attn_dwconv: int = 3):
+                 drop_path: float = 0.0, side_dwconv: int = 5, before_attn_dwconv: int = 3,
+                 attn_impl: str = "gather"):
         super().__init__()
         self.pos_embed = nn.Conv2d(dim, dim, before_attn_dwconv, padding=1, groups=dim)  # official: padding=1
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if topk > 0:
             self.attn = BiLevelRoutingAttention(dim=dim, num_heads=num_heads, n_win=n_win, topk=topk,
-                                                side_dwconv=side_dwconv)
+                                                side_dwconv=side_dwconv, attn_impl=attn_impl)
         elif topk == -2:
             self.attn = AttentionLePE(dim=dim, side_dwconv=side_dwconv)  # official passes no num_heads: 8
         else:
@@ -251,6 +336,7 @@ class BiFormer(ZooModel, nn.Module):
         num_classes: int = 1000,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
+        attn_impl: str = "gather",
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -269,7 +355,8 @@ class BiFormer(ZooModel, nn.Module):
             down = nn.Identity() if i == 0 else nn.Sequential(
                 nn.Conv2d(embed_dims[i - 1], dim, 3, 2, 1), nn.BatchNorm2d(dim))
             blocks = [Block(dim=dim, num_heads=dim // head_dim, n_win=n_win, topk=topks[i], mlp_ratio=mlp_ratios[i],
-                            drop_path=dpr[cur + j], side_dwconv=side_dwconv, before_attn_dwconv=before_attn_dwconv)
+                            drop_path=dpr[cur + j], side_dwconv=side_dwconv, before_attn_dwconv=before_attn_dwconv,
+                            attn_impl=attn_impl)
                       for j in range(d)]
             stages.append(Stage(down, blocks))
             cur += d
