@@ -153,7 +153,8 @@ def _fit(cfg, task, dm_or_loader, max_steps: int) -> StepTimer:
     kw.update(max_steps=max_steps, max_epochs=None, limit_val_batches=0, num_sanity_val_steps=0,
               enable_checkpointing=False, logger=False)
     trainer = L.Trainer(**kw, callbacks=[*kept, *reliability_callbacks(), timer])
-    data = {"datamodule": dm_or_loader} if hasattr(dm_or_loader, "train_dataloader") else {"train_dataloaders": dm_or_loader}
+    data = ({"datamodule": dm_or_loader} if isinstance(dm_or_loader, L.LightningDataModule)
+            else {"train_dataloaders": dm_or_loader})
     with contextlib.redirect_stdout(sys.stderr):  # progress bar and summary off stdout: --json stays parseable
         trainer.fit(task, **data)
     return timer

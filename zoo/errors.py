@@ -41,3 +41,7 @@ class ModelArgumentError(ZooError, ValueError):
 
 class NonFiniteError(ZooError, FloatingPointError):
     """A NaN or inf where a number must be finite: a training loss, an evaluation input, output or loss."""
+
+
+class UnsupportedError(ZooError, NotImplementedError):
+    """A documented limit of a model in one configuration (the message says which setting lifts it)."""

@@ -1,6 +1,8 @@
 """On-disk formats users already have: ImageFolder trees, image/mask trees, CIFAR pickles."""
 from __future__ import annotations
 
+import abc
+
 import logging
 import os
 from pathlib import Path
@@ -128,7 +130,7 @@ def _why(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
 
 
-class SkipsUnreadable:
+class SkipsUnreadable(abc.ABC):
     """What an unreadable image (corrupt, truncated, not an image) does.
 
     Training split (``split='train'``): ``bad_images='skip'`` replaces it by the next readable item and
@@ -151,19 +153,26 @@ class SkipsUnreadable:
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
         self.bad_images, self.split, self.skipped = bad_images, split, set()
 
+    @abc.abstractmethod
     def _files(self, item) -> tuple:
-        """The files one item reads (the image, and the mask for segmentation)."""
-        raise NotImplementedError
+        """The files one item reads (the image first, then the mask for segmentation)."""
 
+    @abc.abstractmethod
     def _items(self) -> list:
-        raise NotImplementedError
+        """The items (a list of (path, ...) tuples)."""
 
+    @abc.abstractmethod
     def _set_items(self, items: list) -> None:
-        raise NotImplementedError
+        """Replace the items (evaluation with 'skip': the readable ones)."""
 
+    @abc.abstractmethod
     def _read_check(self, item) -> None:
         """Decode the item's files; raises what PIL raises on an unreadable one."""
-        raise NotImplementedError
+
+    def item_names(self, indices) -> list[str]:
+        """The image file of each item at ``indices`` (named in errors and in ``left_out``)."""
+        items = self._items()
+        return [str(self._files(items[i])[0]) for i in indices]
 
     def _leave_out_unreadable(self) -> None:
         """Evaluation with 'skip': read every item once and keep only the readable ones."""
@@ -235,9 +244,6 @@ class ImageList(SkipsUnreadable, Dataset):
 
     def _read_check(self, item) -> None:
         open_image(item[0], self.in_chans)
-
-    def item_names(self, indices) -> list[str]:
-        return [str(self.samples[i][0]) for i in indices]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -336,9 +342,6 @@ class SegFolderDataset(SkipsUnreadable, Dataset):
         open_image(item[0], self.in_chans)
         with Image.open(item[1]) as im:
             im.load()
-
-    def item_names(self, indices) -> list[str]:
-        return [str(self.pairs[i][0]) for i in indices]
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -318,6 +318,8 @@ class DCAL(ZooModel, VisionTransformer):
             init = loss_weight_init if isinstance(loss_weight_init, (list, tuple)) else [loss_weight_init] * 3
             full = dict(zip(("sa", "glca", "pwca"), [float(v) for v in init]))
             self.loss_log_vars = nn.Parameter(torch.tensor([full[b] for b in self.branches]))
+        else:  # one branch, or a plain sum: no loss weights (nothing in the state dict)
+            self.register_parameter("loss_log_vars", None)
         if pos_embed_init == "sincos":  # fixed 2-D sin-cos start, still learned: helps tiny data sets
             init_sincos_pos_embed_(self.pos_embed, self.patch_embed.grid_size, embed_dim)
         # pre-logits: the class token of each inference branch (see the class docstring)
@@ -471,7 +473,7 @@ class DCAL(ZooModel, VisionTransformer):
         if self.use_pwca:
             logits["pwca"] = self._sa_logits(o["pwca"])
         ce = {b: F.cross_entropy(logits[b], y, label_smoothing=self.label_smoothing) for b in self.branches}
-        if hasattr(self, "loss_log_vars"):
+        if self.loss_log_vars is not None:
             w = self.loss_log_vars
             losses = {b: 0.5 * (torch.exp(-w[i]) * ce[b] + w[i]) for i, b in enumerate(self.branches)}
         else:
@@ -599,9 +601,9 @@ class DCAL(ZooModel, VisionTransformer):
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
-            for name in ("glca_block", "glca_norm", "glca_head", "loss_log_vars"):
-                if hasattr(self, name):
-                    delattr(self, name)
+            for name in ("glca_block", "glca_norm", "glca_head"):
+                self._modules.pop(name, None)
+            self.register_parameter("loss_log_vars", None)
             self.use_glca = self.use_pwca = False
             self.inference, self.branches, self.head_hidden_size = "sa", ["sa"], self.embed_dim
             self.fc_norm = nn.Identity()

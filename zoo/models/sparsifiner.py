@@ -92,6 +92,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..contract import Capabilities, ZooModel
+from ..errors import UnsupportedError
 from ..layers.pos_embed import check_patch_grid, check_pos_embed_init, init_sincos_pos_embed_
 from ..layers.sparse_attention import (csr_attention, gather_attention, masked_dense_attention, spmm,
                                       topk_indices_nonneg, topk_nonneg)
@@ -429,7 +430,7 @@ class Sparsifiner(ZooModel, VisionTransformer):
         over the same (sparse) forward as :meth:`forward_features`; raises under token pruning (see
         ``features_unsupported``)."""
         if self.features_unsupported:
-            raise NotImplementedError(self.features_unsupported)
+            raise UnsupportedError(self.features_unsupported)
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
@@ -457,7 +458,7 @@ class Sparsifiner(ZooModel, VisionTransformer):
                                   prune_head: bool = True) -> list[int]:
         """timm's: drop the blocks after the last kept index (and the norm / heads when asked)."""
         if self.features_unsupported:
-            raise NotImplementedError(self.features_unsupported)
+            raise UnsupportedError(self.features_unsupported)
         return super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
