@@ -131,27 +131,35 @@ def test_unreadable_file_in_each_split(task, which, split, fault, tmp_path, capl
 
 
 @pytest.mark.parametrize("task", ["classification", "segmentation"])
-def test_wrong_mode_and_high_bit_depth_images_read_by_their_values(task, tmp_path):
+@pytest.mark.parametrize("split", SPLITS)
+def test_wrong_mode_and_high_bit_depth_images_read_by_their_values(task, split, tmp_path):
     """RGBA, palette, CMYK and 16-bit files are read as the values they hold (scaled by range), never
-    clipped; a float image with NaN is unreadable (an error naming it in val/test)."""
+    clipped; a float image with NaN is unreadable (an error naming it: by default in val/test, with
+    bad_images=error in train)."""
     from zoo.errors import DataFormatError
 
     root = (_imagefolder if task == "classification" else _segfolder)(tmp_path / "data")
     grey = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
-    target = _bad_file(task, root, "test")
+    target = _bad_file(task, root, split)
     modes = {
         "RGBA": Image.fromarray(np.stack([grey] * 3 + [np.full_like(grey, 7)], -1), "RGBA"),
         "P": Image.fromarray(grey).convert("P"),
         "CMYK": Image.fromarray(np.stack([grey] * 3, -1)).convert("CMYK"),
         "I;16": Image.fromarray(grey.astype(np.uint16) * 257),  # 16-bit: the same grey at 16 bits
     }
+
+    def dataset(**kw):
+        dm = _image_dm(task, root, **kw)
+        return {"train": dm.train_set, "val": dm.val_set, "test": dm.test_set}[split]
+
     def read(im: Image.Image, suffix: str = ".png") -> torch.Tensor:
         path = target.with_suffix(suffix)
         for old in target.parent.glob(f"{target.stem}.*"):
             old.unlink()
         im.save(path)
-        dm = _image_dm(task, root)
-        return dm.test_set[dm.test_set.item_names(range(len(dm.test_set))).index(str(path))][0]
+        ds = dataset()
+        torch.manual_seed(0)  # the same draw of any training augmentation for every file
+        return ds[ds.item_names(range(len(ds))).index(str(path))][0]
 
     reference = read(Image.fromarray(grey))  # the same grey as a plain 8-bit file, through the same transform
     for mode, im in modes.items():
@@ -162,8 +170,9 @@ def test_wrong_mode_and_high_bit_depth_images_read_by_their_values(task, tmp_pat
     nan = grey.astype(np.float32) / 255
     nan[2, 3] = np.nan
     Image.fromarray(nan, "F").save(target.with_suffix(".tif"))
+    ds = dataset(**({"bad_images": "error"} if split == "train" else {}))
     with pytest.raises(DataFormatError) as e:
-        list(_image_dm(task, root).test_dataloader())
+        [ds[i] for i in range(len(ds))]
     assert str(target.with_suffix(".tif")) in str(e.value) and "non-finite" in str(e.value)
 
 
