@@ -68,7 +68,7 @@ Documented choices (the paper leaves them open) and deviations:
   (non-fused) attention; the PWCA stream and the GLCA block use ``F.scaled_dot_product_attention``.
 - Input sizes: any multiple of the patch size (``dynamic_img_size``: ``pos_embed`` is resampled on the
   fly); build with ``img_size=448`` for the FGVC recipe so the resampling happens once, at load time.
-- Re-ID (the paper's Sec. 3.4 / 4.2 setting): with ``num_classes=0`` (no classifiers) the net is trained by
+- Re-ID (the paper's second task): with ``num_classes=0`` (no classifiers) the net is trained by
   :class:`zoo.tasks.ReIDTask` through the ``feature_objective`` capability. ``feature_heads()`` names the
   class-token features ``{"sa": D, "glca": D}``; ``forward_train_features(x, y, criterion)`` runs the three
   branches and scores the SA, GLCA and PWCA class tokens with the task's criterion (identity
