@@ -30,7 +30,8 @@ class SegmentationDataModule(ZooDataModule):
     ``root/{split}/Img/*`` + ``root/{split}/GT/*``; needs ``num_classes``; ``value_map`` maps grey
     levels to class ids, unmapped values -> 255). Augmentation of folders: ``crop_scale`` (random
     resized crop; ``null`` = plain resize), horizontal flip, ``vflip``, ``rotate_degrees``, all joint.
-    ``spacing`` (pixel size, (row, column) or one number) scales the test surface distances.
+    ``spacing`` (pixel size, (row, column) or one number; ``[dz, dy, dx]`` for volumes) scales the test
+    surface distances.
 
     Volumes (``segfolder``): ``volume_key``, a regex searched in each image's path relative to ``root``
     (e.g. ``test/Img/Subj_21slice_3.png``), names the volume a slice belongs to (group ``volume``, else the
