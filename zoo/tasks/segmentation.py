@@ -169,6 +169,8 @@ class SegmentationTask(ZooTask):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.metrics["test"] = self.make_metrics(surface=True)  # surface distances cost CPU: test split only
+        self._test_volumes = self._test_batches = None  # set per test epoch (on_test_epoch_start)
+        self._test_batch_idx = 0
 
     figure_keys = ("per_class_iou",)
 
@@ -200,9 +202,8 @@ class SegmentationTask(ZooTask):
     def update_metrics(self, metrics, logits, y) -> None:
         pred = logits.argmax(1)
         metrics.update(pred, y)
-        batches = getattr(self, "_test_batches", None)
-        if metrics.volumes is not None and batches is not None:
-            indices = batches[self._test_batch_idx]
+        if metrics.volumes is not None and self._test_batches is not None:
+            indices = self._test_batches[self._test_batch_idx]
             if len(indices) != len(y):
                 raise RuntimeError(f"test batch {self._test_batch_idx} holds {len(y)} items but its sampler gave "
                                    f"{len(indices)} indices; the volume metrics cannot tell the slices apart")
@@ -221,8 +222,7 @@ class SegmentationTask(ZooTask):
             for key, v in metrics.surface.compute().items():
                 out[key] = v[fg].float().nanmean()
                 out.update({f"{key}_{n}": v[c].float() for c, n in enumerate(self.class_names) if c > 0})
-        index = getattr(self, "_test_volumes", None)
-        if metrics.volumes is not None and index is not None:  # every rank computes the same (items gathered)
-            scores = volume_metrics(metrics.volumes.gathered(), index, self.class_names)
+        if metrics.volumes is not None and self._test_volumes is not None:  # every rank the same (items gathered)
+            scores = volume_metrics(metrics.volumes.gathered(), self._test_volumes, self.class_names)
             out.update({k: torch.tensor(v, dtype=torch.float32, device=self.device) for k, v in scores.items()})
         return out
