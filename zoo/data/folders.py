@@ -318,7 +318,11 @@ def read_mask(path: Path, lut: np.ndarray | None, num_classes: int) -> np.ndarra
 
 
 class SegFolderDataset(SkipsUnreadable, Dataset):
-    """(image, mask) pairs from disk; joint v2 transforms see a ``tv_tensors.Mask``."""
+    """(image, mask) pairs from disk; joint v2 transforms see a ``tv_tensors.Mask``. ``volumes``: for slices
+    of volumes, which volume and slice each item is (a :class:`zoo.volume_metrics.VolumeIndex`, set by the
+    datamodule from ``data.volume_key``; None otherwise)."""
+
+    volumes = None
 
     def __init__(self, pairs, *, num_classes: int, value_map=None, in_chans: int = 3, transform=None,
                  bad_images: str = "skip", split: str = "train"):
