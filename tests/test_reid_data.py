@@ -335,3 +335,14 @@ def test_hydra_configs_build_the_datamodule(compose_cfg, tmp_path):
     for name in ("market1501", "dukemtmc", "msmt17"):
         cfg = compose_cfg("train", [f"data={name}"]).data
         assert list(cfg.img_size) == [256, 128] and cfg.batch_size == 64 and cfg.num_instances == 4
+
+
+def test_msmt_val_list_and_veri_without_name_lists(tmp_path):
+    root, exp = write_msmt(tmp_path / "s")
+    assert len(READERS["msmt17"](root).train) == len(exp["train"])  # list_val.txt joins training (TransReID)
+    assert len(READERS["msmt17"](root, combine_val=False).train) == len(exp["train"]) - 1  # torchreid's default
+    root, exp = write_veri(tmp_path / "v")
+    for f in (root / "VeRi").glob("name_*.txt"):
+        f.unlink()
+    rec = READERS["veri776"](root)  # the folders' *.jpg, as torchreid and TransReID read them
+    assert _pc(rec.train) == exp["train"] and _pc(rec.gallery) == exp["gallery"]
