@@ -73,13 +73,17 @@ def _explain_bags(net, dm, bags, mask, max_images):
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images, maps
 
 
+RUNTIME_MODEL_KEYS = ("model.channels_last",)  # how to run the checkpoint's net: not a choice of model
+
+
 def _model_was_given(cfg: DictConfig) -> bool:
     """Whether ``model`` was chosen (``model=``, ``model.*=`` or ``experiment=`` on the command line, or a
     model other than evaluate.yaml's default), rather than left at evaluate.yaml's default."""
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
-        keys = {o.lstrip("+~").split("=", 1)[0].split(".", 1)[0].split("@", 1)[0] for o in HydraConfig.get().overrides.task}
+        given = [o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task]
+        keys = {k.split(".", 1)[0].split("@", 1)[0] for k in given if k not in RUNTIME_MODEL_KEYS}
         if keys & {"model", "experiment"}:
             return True
     defaults = OmegaConf.to_container(OmegaConf.load(Path(__file__).parent / "configs" / "evaluate.yaml")).get("defaults") or []
@@ -121,6 +125,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 def _evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     task = load_task(cfg.ckpt_path)
     check_model_matches(cfg, task.hparams.model["name"])
+    # how to run the net, not what it is: trainer.compile and model.channels_last apply as in train.py
+    task.set_runtime(channels_last=(cfg.get("model") or {}).get("channels_last", False),
+                     compile=cfg.trainer.get("compile", False))
     dm = instantiate(cfg.data, _convert_="all")
     # the checkpoint's input (size, channels, mean/std, crop) unless the user overrides it (logged as such)
     prepare_data(dm, task.hparams.model["name"], stored=stored_input(task.hparams), log=log.warning)

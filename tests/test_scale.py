@@ -116,8 +116,20 @@ def test_compile_keeps_the_nets_own_keys(compose_cfg, monkeypatch, tmp_path):
     net = built[0].net
     assert net._compiled_call_impl is not None  # nn.Module.compile: compiled in place
     assert net.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
-    sd = extract_state_dict(safe_load(str(tmp_path / "run" / "checkpoints" / "last.ckpt")))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    sd = extract_state_dict(safe_load(str(ckpt)))
     assert sd.keys() == create_model("vit_nano", num_classes=10).state_dict().keys()
+
+    # evaluate.py runs the checkpoint's net the same way when asked
+    import evaluate as evaluate_mod
+
+    loaded = []
+    real_load = evaluate_mod.load_task
+    monkeypatch.setattr(evaluate_mod, "load_task", lambda *a, **kw: loaded.append(real_load(*a, **kw)) or loaded[-1])
+    metrics = evaluate_mod.evaluate(compose_cfg("evaluate", [f"ckpt_path={ckpt}", "model=vit_nano",
+                                                             "trainer.compile=aot_eager", "model.channels_last=true"]))
+    assert loaded[0].net._compiled_call_impl is not None and 0 <= metrics["test/acc"] <= 1
+    assert loaded[0].net.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def _task(name: str, **model):

@@ -11,6 +11,7 @@
   python -m zoo save outputs/.../checkpoints/best.ckpt --out my-net/ [--overwrite]   # a Hub folder
   python -m zoo push outputs/.../checkpoints/best.ckpt --repo ORG/NAME [--private] [--dry-run DIR]
   python -m zoo results multirun/train/DATE [--metric test/acc] [--x optim.lr] [--out DIR]   # a sweep's table + plot
+  python -m zoo prepare chaos CHAOS_Train_Sets/ --out data/chaos [--sequences T1DUAL_in] [--overwrite]   # DICOM -> slices
 
 Errors the zoo raises on purpose (``zoo.ZooError``) print as one red line and exit with code 2.
 """
@@ -313,7 +314,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description="Attention Zoo: list, inspect, benchmark and explain models.")
     sub = p.add_subparsers(dest="command", required=True,
-                           metavar="{list,info,bench,bench-pipeline,explain,predict,table,extract-features,export,save,push,results}")
+                           metavar="{list,info,bench,bench-pipeline,explain,predict,table,extract-features,export,save,push,results,prepare}")
 
     s = sub.add_parser("list", help="registered models, with task, parameters and input size")
     s.add_argument("pattern", nargs="?", default="*", help="wildcard over names, e.g. 'halonet*'")
@@ -455,7 +456,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--x", default=None, help="the swept numeric key on the plot's x-axis (default: the first one, not seed)")
     s.add_argument("--out", default=None, help="where to write the files (default: DIR)")
     s.set_defaults(func=cmd_results)
+
+    s = sub.add_parser("prepare", help="a dataset's published release -> the layout its data= config reads (CHAOS MR DICOM)")
+    s.add_argument("dataset", choices=["chaos"])
+    s.add_argument("src", metavar="SRC", help="the unpacked release (CHAOS: the folder holding CHAOS_Train_Sets/, or MR/)")
+    s.add_argument("--out", required=True, help="output folder (data.root of data=chaos)")
+    s.add_argument("--sequences", default="T1DUAL_in", help="comma list of T1DUAL_in, T1DUAL_out, T2SPIR")
+    s.add_argument("--val-fraction", type=float, default=0.1, help="of the patients (seeded)")
+    s.add_argument("--test-fraction", type=float, default=0.25, help="of the patients (seeded)")
+    s.add_argument("--val-patients", default=None, help="comma list of patient ids (instead of the fraction)")
+    s.add_argument("--test-patients", default=None, help="comma list of patient ids (instead of the fraction)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier output of this command in --out")
+    s.set_defaults(func=cmd_prepare)
     return p
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import main_chaos
+
+    doc = main_chaos(args)
+    counts = {s: sum(v["split"] == s for v in doc["volumes"].values()) for s in ("train", "val", "test")}
+    _console().print(f"wrote {len(doc['volumes'])} volumes ({counts['train']} train, {counts['val']} val, "
+                     f"{counts['test']} test) to {args.out}; train with data=chaos data.root={args.out}",
+                     soft_wrap=True, highlight=False)
+    return 0
 
 
 def cmd_results(args: argparse.Namespace) -> int:

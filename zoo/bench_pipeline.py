@@ -8,7 +8,7 @@ or ``python -m zoo bench-pipeline halonet_tiny --data data=digits --steps 10 [--
 * ``net_*`` (a): forward + loss + backward + optimizer step of the task's net on one device-resident batch
   (:func:`zoo.bench.time_train_steps`), with the optimizer the task builds (its param groups, no schedule).
 * ``loader`` (b): the train DataLoader of the real datamodule alone (read, decode, augment, collate), per
-  worker count; ``loader_workers`` is the count the data config uses, which (c) runs with.
+  worker count (with ``data.gpu_decode=true``: read in the workers, decode + augment on the device); ``loader_workers`` is the count the data config uses, which (c) runs with.
 * ``train_*`` (c): ``train.py``'s steps: datamodule and task built as train.py builds them
   (:func:`zoo.runner.prepare_data`, :func:`zoo.runner.build_task`), a ``lightning.Trainer`` with the
   config's trainer settings and callbacks but ``max_steps``, no validation, checkpoints or logger. A step
@@ -160,10 +160,17 @@ def _fit(cfg, task, dm_or_loader, max_steps: int) -> StepTimer:
     return timer
 
 
-def _time_loader(dm, workers: int, batches: int) -> float:
-    """Seconds per batch of the train DataLoader with ``workers`` workers, after one untimed batch (worker start)."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_loader(dm, workers: int, batches: int, device: torch.device) -> float:
+    """Seconds per batch of the train DataLoader with ``workers`` workers, after one untimed batch (worker
+    start). With ``data.gpu_decode`` this includes the datamodule's decoding of the batch on ``device``."""
     saved = dm.hparams.num_workers
     dm.hparams.num_workers = workers
+    decode = dm.hparams.get("gpu_decode", False)
     try:
         loader = dm.train_dataloader()
         it, done = iter(loader), 0
@@ -171,10 +178,13 @@ def _time_loader(dm, workers: int, batches: int) -> float:
         t0 = time.perf_counter()
         while done < batches:
             try:
-                next(it)
+                batch = next(it)
+                if decode:
+                    dm.transfer_batch_to_device(batch, device, 0)
                 done += 1
             except StopIteration:
                 it = iter(loader)  # a small dataset: the next epoch
+        _sync(device)
         return (time.perf_counter() - t0) / batches
     finally:
         dm.hparams.num_workers = saved
@@ -222,10 +232,11 @@ def bench_pipeline(model: str, overrides: list[str] | None = None, *, batch_size
     worker_counts = sorted({*(workers if workers is not None else [0, 1, 2]), used})
 
     # (b) the loader alone, then the batches every other measurement reuses
-    loader_s = {w: _time_loader(dm, w, steps + warmup) for w in worker_counts}
-    it = iter(dm.train_dataloader())
     device = torch.device("cuda" if str(cfg.trainer.get("accelerator")) in ("gpu", "cuda") else "cpu")
-    batches = [tuple(t.to(device) for t in next(it)[:2]) for _ in range(min(steps + warmup, len(dm.train_dataloader())))]
+    loader_s = {w: _time_loader(dm, w, steps + warmup, device) for w in worker_counts}
+    it = iter(dm.train_dataloader())
+    batches = [tuple(dm.transfer_batch_to_device(next(it), device, 0))[:2]
+               for _ in range(min(steps + warmup, len(dm.train_dataloader())))]
     del it
 
     # (a) the net alone on one fixed batch, with the task's optimizer

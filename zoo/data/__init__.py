@@ -8,11 +8,13 @@ from .bags import FeatureBagDataset, collate_bags
 from .classification import ClassificationDataModule
 from .common import UnknownDatasetError, ZooDataModule
 from .mil import MILDataModule
+from .reid import ReIDDataModule
 from .segmentation import IGNORE_INDEX, SegmentationDataModule
 
-DATAMODULES = {dm.task: dm for dm in (ClassificationDataModule, SegmentationDataModule, MILDataModule)}
+DATAMODULES = {dm.task: dm for dm in (ClassificationDataModule, SegmentationDataModule, MILDataModule,
+                                        ReIDDataModule)}
 
 __all__ = [
-    "ClassificationDataModule", "SegmentationDataModule", "MILDataModule", "ZooDataModule",
+    "ClassificationDataModule", "SegmentationDataModule", "MILDataModule", "ReIDDataModule", "ZooDataModule",
     "DATAMODULES", "FeatureBagDataset", "collate_bags", "IGNORE_INDEX", "UnknownDatasetError",
 ]

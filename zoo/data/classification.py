@@ -19,12 +19,14 @@ from .common import (
     require_dir,
     split_indices,
 )
+from .device_decode import DeviceDecoder, EncodedBatch, collate_encoded
 from .embedded import DIGIT_CLASSES, load_digits_tensor
 from .standard import STANDARD, read_standard
 from .folders import (
     CIFAR,
     CIFAR_NUM_CLASSES,
     IMAGEFOLDER_LAYOUT,
+    EncodedImageList,
     ImageList,
     cifar_missing,
     eval_policy,
@@ -49,6 +51,9 @@ class ClassificationDataModule(ZooDataModule):
     ``img_size=448, resize_ratio=1.2277`` and follows ``img_size`` when it is overridden. Without it,
     training uses RandomResizedCrop and evaluation a centre crop of the run's ``crop_pct`` with its
     ``interpolation`` (the model spec's, i.e. its weights' preprocessing, unless the data config sets them).
+
+    ``gpu_decode``: the workers only read the files and JPEGs are decoded on the trainer's device, batched
+    (:mod:`zoo.data.device_decode`); for file datasets without ``timm_aug`` (timm's transforms are PIL's).
 
     ``timm_aug``: keyword arguments of ``timm.data.create_transform`` for the training images of file
     datasets (the DeiT recipe: ``auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25,
@@ -78,10 +83,18 @@ class ClassificationDataModule(ZooDataModule):
         timm_aug: dict | None = None,
         bad_images: str | None = None,
         allow_empty_classes: bool = False,
+        gpu_decode: bool = False,
         **common: Any,
     ) -> None:
         super().__init__(dataset=dataset, batch_size=batch_size, **common)
         self._check_dataset()
+        if gpu_decode and (dataset in CIFAR or dataset == "digits"):
+            raise ValueError(f"data.gpu_decode decodes image files; dataset={dataset} is held in memory "
+                             "(set data.gpu_decode=false)")
+        if gpu_decode and timm_aug:
+            raise ValueError("data.gpu_decode does not run timm's training transforms (they are PIL's); "
+                             "set data.timm_aug=null or data.gpu_decode=false")
+        self._decoder = None
 
     # ------------------------------------------------------------------ classes
     @property
@@ -133,6 +146,10 @@ class ClassificationDataModule(ZooDataModule):
 
             return create_transform(self.img_size, is_training=True, mean=self.mean, std=self.std,
                                     **dict(self.hparams.timm_aug))
+        return v2.Compose([v2.ToImage(), *self._geometry(train), *self._to_float()])
+
+    def _geometry(self, train: bool) -> list:
+        """The crop / resize / flip of a file image (PIL image or uint8 tensor), before scaling to float."""
         s, ratio = self.img_size, self.hparams.resize_ratio
         if ratio is not None:  # resize then crop (FGVC: 550 -> 448)
             r = round(s * ratio)
@@ -144,7 +161,20 @@ class ClassificationDataModule(ZooDataModule):
         else:  # the model's centre crop (its pretrained_cfg crop_pct and interpolation)
             mode = v2.InterpolationMode(self.interpolation)
             geo = [v2.Resize(int(s / self.crop_pct), interpolation=mode, antialias=True), v2.CenterCrop(s)]
-        return v2.Compose([v2.ToImage(), *geo, *self._to_float()])
+        return geo
+
+    # ------------------------------------------------------------------ decoding on the device
+    def _collate(self, dataset):
+        return collate_encoded if isinstance(dataset, EncodedImageList) else super()._collate(dataset)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        """``gpu_decode``: decode and transform the encoded batch on ``device`` (Lightning calls this hook)."""
+        if isinstance(batch, EncodedBatch):
+            if self._decoder is None:
+                geometry = {t: v2.Compose(self._geometry(t)) for t in (True, False)}
+                self._decoder = DeviceDecoder(geometry, self.mean, self.std, self.in_chans)
+            return self._decoder(batch, device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def eval_transform(self):
         """What val/test do to one image, as a transform of an image file (a PIL image): ``zoo predict`` uses
@@ -236,6 +266,12 @@ class ClassificationDataModule(ZooDataModule):
         """``bad_images``: unset = skip (replace and count) in training, error in val/test; ``skip`` also
         leaves unreadable val/test images out (counted as ``val/skipped``, ``test/skipped``), never replaced."""
         c, b = self.in_chans, self.hparams.bad_images
+        self._decoder = None  # the next batch builds it for this input (size, mean/std)
+        if self.hparams.gpu_decode:
+            self.train_set = EncodedImageList(train, c, bad_images=train_policy(b))
+            self.val_set = EncodedImageList(val, c, bad_images=eval_policy(b), split="val")
+            self.test_set = EncodedImageList(test, c, bad_images=eval_policy(b), split="test")
+            return
         self.train_set = ImageList(train, self._folder_transforms(True), c, bad_images=train_policy(b))
         self.val_set = ImageList(val, self._folder_transforms(False), c, bad_images=eval_policy(b), split="val")
         self.test_set = ImageList(test, self._folder_transforms(False), c, bad_images=eval_policy(b), split="test")

@@ -238,7 +238,7 @@ class ZooDataModule(L.LightningDataModule):
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
             pin_memory=self.pin_memory,
-            collate_fn=type(self).collate_fn,
+            collate_fn=self._collate(dataset),
         )
         if train:
             kwargs.update(
@@ -250,6 +250,10 @@ class ZooDataModule(L.LightningDataModule):
                 drop_last=len(dataset) > hp.batch_size and len(dataset) % hp.batch_size == 1,
             )
         return DataLoader(dataset, **kwargs)
+
+    def _collate(self, dataset: Dataset) -> Callable | None:
+        """The collate function of ``dataset``'s loader (the class's ``collate_fn``; None: torch's default)."""
+        return type(self).collate_fn
 
     @property
     def pin_memory(self) -> bool:

@@ -318,7 +318,11 @@ def read_mask(path: Path, lut: np.ndarray | None, num_classes: int) -> np.ndarra
 
 
 class SegFolderDataset(SkipsUnreadable, Dataset):
-    """(image, mask) pairs from disk; joint v2 transforms see a ``tv_tensors.Mask``."""
+    """(image, mask) pairs from disk; joint v2 transforms see a ``tv_tensors.Mask``. ``volumes``: for slices
+    of volumes, which volume and slice each item is (a :class:`zoo.volume_metrics.VolumeIndex`, set by the
+    datamodule from ``data.volume_key``; None otherwise)."""
+
+    volumes = None
 
     def __init__(self, pairs, *, num_classes: int, value_map=None, in_chans: int = 3, transform=None,
                  bad_images: str = "skip", split: str = "train"):
@@ -441,3 +445,22 @@ def load_cifar(name: str, root: Path, *, train: bool, verify_checksums: bool):
         ) from e
     images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2)
     return images, torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
+
+
+class EncodedImageList(ImageList):
+    """An :class:`ImageList` for ``data.gpu_decode``: items are ``(bytes or uint8 image, label, path, train)``
+    for :func:`zoo.data.device_decode.collate_encoded`; the datamodule decodes and transforms the batch on the
+    device. Unreadable files (empty, truncated JPEG, not an image) follow the same ``bad_images`` policy."""
+
+    def __init__(self, samples, in_chans: int = 3, bad_images: str = "skip", split: str = "train"):
+        super().__init__(samples, None, in_chans, bad_images=bad_images, split=split)
+
+    def __getitem__(self, i: int):
+        from .device_decode import read_encoded
+
+        while True:
+            path, target = self.samples[i]
+            try:
+                return read_encoded(path, self.in_chans, open_image), target, str(path), self.split == "train"
+            except (OSError, SyntaxError, ValueError) as e:
+                i = self._unreadable(path, e, i)

@@ -3,6 +3,7 @@ mask value 255 = ignore. Transforms are joint (v2 + ``tv_tensors.Mask``): the ma
 every geometric change of the image and is resized with nearest neighbours."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from zoo.errors import DatasetNotFoundError
+from zoo.volume_metrics import SIDECAR, index_volumes, natural_key, volume_of
 
 from .common import IMAGENET_MEAN, IMAGENET_STD, ZooDataModule, require_dir, split_indices
 from .embedded import SHAPE_CLASSES, ShapesDataset, make_shapes
@@ -28,7 +30,17 @@ class SegmentationDataModule(ZooDataModule):
     ``root/{split}/Img/*`` + ``root/{split}/GT/*``; needs ``num_classes``; ``value_map`` maps grey
     levels to class ids, unmapped values -> 255). Augmentation of folders: ``crop_scale`` (random
     resized crop; ``null`` = plain resize), horizontal flip, ``vflip``, ``rotate_degrees``, all joint.
-    ``spacing`` (pixel size, (row, column) or one number) scales the test surface distances.
+    ``spacing`` (pixel size, (row, column) or one number; ``[dz, dy, dx]`` for volumes) scales the test
+    surface distances.
+
+    Volumes (``segfolder``): ``volume_key``, a regex searched in each image's path relative to ``root``
+    (e.g. ``test/Img/Subj_21slice_3.png``), names the volume a slice belongs to (group ``volume``, else the
+    first group) and, with a group ``slice``, its slice index; ``slice_key`` is a regex for the slice index
+    alone; with neither, slices are stacked in the natural order of their file names. The test split is
+    then also scored per 3-D volume (:mod:`zoo.volume_metrics`), with the voxel spacing from
+    ``spacing=[dz, dy, dx]`` (or one number), else ``root/spacing.json`` (what ``python -m zoo prepare``
+    writes), else in voxels. A missing val/test folder is then a seeded split of train's *volumes*, never
+    of their slices. A test volume with a missing or repeated slice index is an error naming it.
 
     Standard datasets (``zoo.data.standard_seg``): ``ade20k``, ``pet_trimaps`` from their published layouts.
     ``eval_resize``: ``square`` (default: val/test resized to ``img_size`` squared), ``short_side`` (short
@@ -56,6 +68,8 @@ class SegmentationDataModule(ZooDataModule):
         crop_scale: tuple | None = (0.5, 1.0),
         vflip: bool = False,
         spacing: float | list | None = None,
+        volume_key: str | None = None,
+        slice_key: str | None = None,
         eval_resize: str = "square",
         inference: dict | None = None,
         bad_images: str | None = None,
@@ -81,6 +95,17 @@ class SegmentationDataModule(ZooDataModule):
             raise ValueError("dataset=segfolder needs num_classes (mask values 0..num_classes-1, 255 = ignore)")
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class_names for num_classes={num_classes}")
+        if (volume_key or slice_key) and dataset != "segfolder":
+            raise ValueError(f"data.volume_key / data.slice_key name the volumes of segfolder slices; dataset={dataset} "
+                             "has none")
+        if slice_key and not volume_key:
+            raise ValueError("data.slice_key orders the slices of volumes: give data.volume_key too")
+        for name, pattern in (("volume_key", volume_key), ("slice_key", slice_key)):
+            if pattern:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"data.{name}={pattern!r} is not a regular expression ({e})") from None
 
     @property
     def inference(self) -> dict | None:
@@ -174,16 +199,27 @@ class SegmentationDataModule(ZooDataModule):
         root = Path(hp.root).expanduser()
         train = scan_segfolder(require_dir(root / "train", "segfolder", SEGFOLDER_LAYOUT))
         has = {s: (root / s).is_dir() for s in ("val", "test")}
+        # with volumes, the seeded split is over volumes: a volume's slices stay together
+        by_volume = hp.volume_key and not (has["val"] and has["test"])
+        groups = [volume_of(str(img), root, hp.volume_key)[0] for img, _ in train] if by_volume else None
+        units = sorted(set(groups), key=natural_key) if groups else None
         tr, va, te = split_indices(
-            len(train), None, need_val=not has["val"], need_test=not has["test"],
+            len(units) if units else len(train), None, need_val=not has["val"], need_test=not has["test"],
             val_fraction=hp.val_fraction, test_fraction=hp.test_fraction, seed=hp.seed,
         )
+        if units:
+            chosen = [{units[k] for k in part} for part in (tr, va, te)]
+            tr, va, te = ([i for i, g in enumerate(groups) if g in c] for c in chosen)
         pairs = {
             "train": [train[i] for i in tr],
             "val": scan_segfolder(root / "val") if has["val"] else [train[i] for i in va],
             "test": scan_segfolder(root / "test") if has["test"] else [train[i] for i in te],
         }
         self._seg_sets(pairs["train"], pairs["val"], pairs["test"], hp.value_map)
+        if hp.volume_key:
+            ts = self.test_set
+            ts.volumes = index_volumes(ts.item_names(range(len(ts))), root, hp.volume_key, slice_key=hp.slice_key,
+                                       spacing=hp.spacing, sidecar=root / SIDECAR, split="test")
 
     def _build_standard_seg(self) -> None:
         hp, sp = self.hparams, self._standard()

@@ -7,7 +7,8 @@
 - ``pet_trimaps``: Oxford-IIIT Pet ``annotations/trimaps/*.png`` (1 pet, 2 background, 3 border) ->
   classes pet / background / border; official ``trainval.txt`` / ``test.txt``.
 CHAOS slices need no reader of their own: ``segfolder`` reads their ``{split}/Img`` + ``{split}/GT`` layout
-(``configs/data/chaos.yaml``).
+(``configs/data/chaos.yaml``, volumes named by ``data.volume_key``); ``python -m zoo prepare chaos``
+(:mod:`zoo.prepare`) writes that layout and each patient's voxel spacing from the published DICOM release.
 """
 from __future__ import annotations
 

@@ -12,6 +12,14 @@ distance transform with the pixel ``spacing`` (``data_info["spacing"]``, (row, c
 default 1 = pixels); HD95 = max of the two directed 95th percentiles, MSD = mean of both directions'
 distances pooled. A class scores only on images where both the label and the prediction contain it;
 its value is the mean over those images (NaN if there are none). Ignored pixels belong to neither mask.
+A three-number spacing ``[dz, dy, dx]`` gives these 2-D distances its last two.
+
+Volumes (:mod:`zoo.volume_metrics`): when the test dataset says which volume and slice each item is
+(``dataset.volumes``, a :class:`~zoo.volume_metrics.VolumeIndex`, set by ``data.volume_key``), the test
+step also keeps each slice's predicted and true label maps (uint8, on the CPU, gathered across DDP ranks)
+and the test epoch ends with Dice, VS, HD95 and MSD per 3-D volume, averaged over volumes per class
+(``test/volume_dice/<class>``) and over the foreground classes (``test/volume_dice``, ``test/volume_vs``,
+``test/volume_hd95``, ``test/volume_msd``), plus ``test/volumes`` and ``test/volume_surface_undefined``.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from ..volume_metrics import VolumeStore, volume_metrics
 from .base import ZooTask
 
 
@@ -64,6 +73,8 @@ class SurfaceDistances(Metric):
     def __init__(self, num_classes: int, spacing: float | Sequence[float] | None = None, ignore_index: int = 255):
         super().__init__()
         self.num_classes, self.ignore_index = num_classes, ignore_index
+        if spacing is not None and not np.isscalar(spacing) and len(spacing) == 3:
+            spacing = spacing[1:]  # (dz, dy, dx): the slices' (dy, dx)
         self.spacing = 1.0 if spacing is None else (float(spacing) if np.isscalar(spacing) else tuple(map(float, spacing)))
         for name in ("hd95_sum", "msd_sum", "count"):
             self.add_state(name, torch.zeros(num_classes, dtype=torch.float64), dist_reduce_fx="sum")
@@ -91,12 +102,14 @@ class SurfaceDistances(Metric):
 
 
 class SegmentationMetrics(nn.Module):
-    """The confusion matrix, plus surface distances when ``surface=True`` (the test split)."""
+    """The confusion matrix, plus surface distances and the slices' label maps for the volume metrics when
+    ``surface=True`` (the test split)."""
 
     def __init__(self, num_classes: int, *, surface: bool = False, spacing=None):
         super().__init__()
         self.cm = MulticlassConfusionMatrix(num_classes, ignore_index=255)
         self.surface = SurfaceDistances(num_classes, spacing) if surface else None
+        self.volumes = VolumeStore(num_classes) if surface else None
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         self.cm.update(pred, target)
@@ -107,6 +120,7 @@ class SegmentationMetrics(nn.Module):
         self.cm.reset()
         if self.surface is not None:
             self.surface.reset()
+            self.volumes.reset()
 
 
 def slide_inference(net: nn.Module, x: torch.Tensor, crop: int, stride: int, num_classes: int) -> torch.Tensor:
@@ -155,6 +169,8 @@ class SegmentationTask(ZooTask):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.metrics["test"] = self.make_metrics(surface=True)  # surface distances cost CPU: test split only
+        self._test_volumes = self._test_batches = None  # set per test epoch (on_test_epoch_start)
+        self._test_batch_idx = 0
 
     figure_keys = ("per_class_iou",)
 
@@ -166,8 +182,32 @@ class SegmentationTask(ZooTask):
         spacing = (self.hparams.get("data_info") or {}).get("spacing")
         return SegmentationMetrics(self.hparams.num_classes, surface=surface, spacing=spacing)
 
+    # ------------------------------------------------------------------ volumes of slices (test split)
+    def on_test_epoch_start(self) -> None:
+        """The test dataset's volume index, if it has one, and this rank's batches of dataset indices (the
+        test loader is not shuffled; under DDP its DistributedSampler's share)."""
+        loader = self._stage_loader("test")
+        self._test_volumes = getattr(getattr(loader, "dataset", None), "volumes", None)
+        sampler = getattr(loader, "batch_sampler", None)
+        self._test_batches = list(sampler) if self._test_volumes is not None and sampler is not None else None
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._test_batch_idx = batch_idx  # which dataset items this batch holds, for update_metrics
+        super().test_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self._test_volumes = self._test_batches = None
+
     def update_metrics(self, metrics, logits, y) -> None:
-        metrics.update(logits.argmax(1), y)
+        pred = logits.argmax(1)
+        metrics.update(pred, y)
+        if metrics.volumes is not None and self._test_batches is not None:
+            indices = self._test_batches[self._test_batch_idx]
+            if len(indices) != len(y):
+                raise RuntimeError(f"test batch {self._test_batch_idx} holds {len(y)} items but its sampler gave "
+                                   f"{len(indices)} indices; the volume metrics cannot tell the slices apart")
+            metrics.volumes.add(indices, pred, y)
 
     def compute_metrics(self, metrics) -> dict[str, torch.Tensor]:
         s = scores_from_confusion(metrics.cm.compute())
@@ -182,4 +222,7 @@ class SegmentationTask(ZooTask):
             for key, v in metrics.surface.compute().items():
                 out[key] = v[fg].float().nanmean()
                 out.update({f"{key}_{n}": v[c].float() for c, n in enumerate(self.class_names) if c > 0})
+        if metrics.volumes is not None and self._test_volumes is not None:  # every rank the same (items gathered)
+            scores = volume_metrics(metrics.volumes.gathered(), self._test_volumes, self.class_names)
+            out.update({k: torch.tensor(v, dtype=torch.float32, device=self.device) for k, v in scores.items()})
         return out
