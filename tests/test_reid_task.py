@@ -1,19 +1,18 @@
 """The Re-ID task: retrieval metrics (checked against torchmetrics and TransReID's eval_func), the batch-hard
 triplet loss (against TransReID's), BNNeck training of a plain classification net through the contract,
-checkpoint round trip, the whole-split rule and the DDP order restoration."""
+checkpoint round trip and the whole-split rule."""
 from __future__ import annotations
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DistributedSampler
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP
 
 from zoo.reid_metrics import distance_matrix, retrieval_metrics
 from zoo.runner import build_task, load_task, prepare_data
 from zoo.tasks import ReIDTask
-from zoo.tasks.reid import batch_hard_triplet, loader_order
+from zoo.tasks.reid import batch_hard_triplet
 from zoo.validate import ConfigError
 
 from reid_fixture import FixtureReID
@@ -170,18 +169,6 @@ def test_metrics_need_the_whole_split(tmp_path):
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, limit_test_batches=1)
     with pytest.raises(RuntimeError, match="whole split"):
         trainer.test(task, datamodule=dm, verbose=False)
-
-
-def test_ddp_gather_order_is_the_loader_order():
-    items = torch.arange(37) * 10  # 37 items over 4 ranks: DistributedSampler pads to 40
-    world = 4
-    shards = [torch.tensor(list(DistributedSampler(range(37), num_replicas=world, rank=r, shuffle=False)))
-              for r in range(world)]
-    gathered = torch.cat([items[s] for s in shards])  # torchmetrics' cat state: rank after rank
-    restored = loader_order(gathered, world)
-    assert torch.equal(restored[:37], items) and len(restored) == 40  # the padding stays at the end
-    with pytest.raises(RuntimeError, match="equal shares"):
-        loader_order(gathered[:-1], world)
 
 
 def test_options_and_models_that_cannot_do_reid_are_refused():

@@ -26,8 +26,9 @@ with ``feat_norm`` (TransReID's ``TEST.NECK_FEAT`` / ``TEST.FEAT_NORM``); retrie
 (:mod:`zoo.reid_metrics`: same-pid same-camera gallery items excluded per query) -> ``{stage}/map``,
 ``{stage}/rank1``, ``/rank5``, ``/rank10``; ``val/map`` is monitored (max). The counts are checked against
 the datamodule's ``split_sizes(stage)``: a metric over part of a split is an error, not a number. Under DDP
-the features of every rank are gathered (torchmetrics ``cat`` states) and put back in loader order, and
-the padding Lightning's ``DistributedSampler`` adds is dropped. No re-ranking.
+every rank evaluates the whole split (``zoo.data.ReIDDataModule``'s ``EvalSampler``: retrieval needs every
+query against every gallery item) and computes the same metrics; nothing is gathered, and a loader sharded
+across ranks fails the count check. No re-ranking.
 
 Options (``reid:`` in a run's config, defaults in :data:`DEFAULT_REID` = TransReID's ``config/defaults.py``;
 its ViT recipes, ``configs/*/vit_base.yml``, set ``NO_MARGIN: True`` and ``NECK_FEAT: 'before'``). Not
@@ -40,7 +41,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch.distributed as dist
 from timm.optim import param_groups_weight_decay
 from torch import nn
 from torchmetrics import Metric
@@ -120,13 +120,13 @@ class ReIDHead(nn.Module):
 
 
 class ReIDFeatures(Metric):
-    """The evaluation split's features, pids, camids and query flags, gathered over DDP ranks (``cat`` states)
-    and put back in loader order (see :meth:`compute`)."""
+    """The evaluation split's features, pids, camids and query flags in loader order (not synced across DDP
+    ranks: every rank holds the whole split)."""
 
     full_state_update = False
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(sync_on_compute=False)
         for name in ("feats", "pids", "camids", "is_query"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
@@ -137,24 +137,8 @@ class ReIDFeatures(Metric):
         self.is_query.append(is_query.bool())
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """``{"feats", "pids", "camids", "is_query"}`` in loader order. Under DDP the states arrive rank after rank;
-        Lightning's evaluation ``DistributedSampler`` (no shuffle) gave rank r the items r, r + W, r + 2W, ... of
-        the padded list, so the order is restored by interleaving (the padding stays at the end)."""
-        out = {k: dim_zero_cat(getattr(self, k)) for k in ("feats", "pids", "camids", "is_query")}
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        return {k: loader_order(v, world) for k, v in out.items()}
-
-
-def loader_order(gathered: torch.Tensor, world: int) -> torch.Tensor:
-    """Items gathered rank after rank (rank r held positions r, r + W, r + 2W, ... of the padded evaluation
-    list, as ``DistributedSampler(shuffle=False)`` deals them) -> that list's order."""
-    n = len(gathered)
-    if world == 1:
-        return gathered
-    if n % world:
-        raise RuntimeError(f"gathered {n} Re-ID evaluation items over {world} ranks: not the equal shares a "
-                           "DistributedSampler gives; evaluate on one device (trainer.devices=1)")
-    return gathered.view(world, n // world, *gathered.shape[1:]).transpose(0, 1).reshape(n, *gathered.shape[1:])
+        """``{"feats", "pids", "camids", "is_query"}``, concatenated in loader order."""
+        return {k: dim_zero_cat(getattr(self, k)) for k in ("feats", "pids", "camids", "is_query")}
 
 
 class ReIDTask(ZooTask):
@@ -264,19 +248,14 @@ class ReIDTask(ZooTask):
         if values:
             self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val", sync_dist=True)
 
-    def retrieval(self, gathered: dict[str, torch.Tensor], stage: str,
+    def retrieval(self, items: dict[str, torch.Tensor], stage: str,
                   expected: dict[str, int] | None) -> dict[str, torch.Tensor]:
-        """The split's metrics from its gathered features; the query / gallery counts must be ``expected``'s."""
-        n = len(gathered["pids"])
+        """The split's metrics from its features, pids, camids and query flags; the query / gallery counts must be ``expected``'s."""
         partial = self._trainer is not None and bool(self._trainer.fast_dev_run)
-        if expected is not None:
-            total = expected["query"] + expected["gallery"]
-            if n > total and self._trainer is not None and self._trainer.world_size > 1:
-                gathered = {k: v[:total] for k, v in gathered.items()}  # DistributedSampler padding
-        elif self._trainer is not None and self._trainer.world_size > 1:
-            raise RuntimeError("Re-ID evaluation under DDP needs the datamodule's split_sizes(stage) to drop the "
-                               "sampler's padding; evaluate with a datamodule, or on one device")
-        q = gathered["is_query"]
+        if expected is None and self._trainer is not None and self._trainer.world_size > 1:
+            raise RuntimeError("Re-ID evaluation under DDP needs the datamodule's split_sizes(stage) to check that "
+                               "every rank saw the whole split; evaluate with a datamodule, or on one device")
+        q = items["is_query"]
         nq, ng = int(q.sum()), int((~q).sum())
         if expected is not None and (nq, ng) != (expected["query"], expected["gallery"]):
             if not partial:
@@ -288,12 +267,12 @@ class ReIDTask(ZooTask):
             if partial:
                 return {}
             raise RuntimeError(f"the {stage} split has {nq} query and {ng} gallery images; both must be non-empty")
-        f = gathered["feats"]
+        f = items["feats"]
         if self.reid["feat_norm"]:
             f = F.normalize(f, dim=1)
         try:
-            out = retrieval_metrics(f[q], f[~q], gathered["pids"][q], gathered["pids"][~q], gathered["camids"][q],
-                                    gathered["camids"][~q], distance=self.reid["distance"])
+            out = retrieval_metrics(f[q], f[~q], items["pids"][q], items["pids"][~q], items["camids"][q],
+                                    items["camids"][~q], distance=self.reid["distance"])
         except ValueError:
             if partial:  # fast_dev_run: a batch or two need not hold a query with a match
                 return {}
