@@ -9,10 +9,10 @@ import timm
 import torch
 
 import zoo
+from zoo.data import ReIDDataModule
 from zoo.models.dcal import DCALBlock, checkpoint_filter_fn
 from zoo.runner import build_task, prepare_data
 
-from reid_fixture import FixtureReID
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -97,13 +97,13 @@ def test_sa_only_baseline_is_a_plain_vit():
 
 
 def test_reid_task_trains_dcal_with_one_bnneck_per_head(tmp_path):
-    dm = FixtureReID(seed=0, img_hw=(64, 32), noise=0.2)
+    dm = ReIDDataModule(dataset="digit_reid", batch_size=32, num_instances=4)  # 32 x 16: 8 x 4 tokens
     prepare_data(dm, "dcal_deit_nano")
     task = build_task({"name": "dcal_deit_nano", "kwargs": {"glca_ratio": 0.3}}, dm,
-                      optim={"name": "adamw", "lr": 2e-3, "label_smoothing": 0.0})
-    assert set(task.heads) == {"sa", "glca"} and task.net.num_classes == 0
+                      optim={"name": "adamw", "lr": 2e-3, "label_smoothing": 0.0}, reid={"neck_feat": "after"})
+    assert set(task.heads) == {"sa", "glca"} and task.net.num_classes == 0 and task.net.num_selected(32) == 10
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, max_epochs=3, log_every_n_steps=1)
+                        enable_checkpointing=False, max_epochs=1, limit_train_batches=4, log_every_n_steps=1)
     trainer.fit(task, datamodule=dm)
     logged = trainer.callback_metrics
     assert {"train/sa", "train/glca", "train/pwca", "train/id", "train/triplet", "val/map"} <= set(logged)
@@ -129,3 +129,16 @@ def test_hybrid_r50_vit_b_parameters_are_timms_plus_the_glca_branch():
     sd = checkpoint_filter_fn(ref.state_dict(), net)  # timm's hybrid weights load, GLCA from the last block
     own = net.state_dict()
     assert set(sd) == set(own) and all(sd[k].shape == own[k].shape for k in own)
+
+
+def test_the_digit_reid_demo_trains_in_process(compose_cfg, tmp_path):
+    """The demo recipes through train.py (a few steps): test metrics written, finite, in [0, 1]."""
+    from train import train
+
+    short = ["trainer.max_epochs=1", "+trainer.limit_train_batches=3", "callbacks.rich_progress_bar=null",
+             "callbacks.rich_model_summary=null", "test_last=false"]
+    for experiment in ("dcal_deit_nano_digit_reid", "dcal_deit_nano_sa_only_digit_reid"):
+        cfg = compose_cfg("train", [f"experiment={experiment}", *short], out_dir=tmp_path / experiment)
+        metrics = train(cfg)
+        assert set(metrics) == {"test/map", "test/rank1", "test/rank5", "test/rank10"}, experiment
+        assert all(0 <= v <= 1 for v in metrics.values()), metrics
