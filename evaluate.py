@@ -42,7 +42,7 @@ def explain(task, dm, out_dir: str, max_images: int) -> list[Path]:
                 images, maps = _explain_slide(net, batch[0][:1], batch[1][:1], coords(0)[None])
             else:
                 images, maps = _explain_bags(net, dm, *batch[:2], max_images)
-        else:
+        else:  # Re-ID: the test loader starts with the query images
             x = batch[0][:max_images]
             images, maps = denormalize(x, dm.mean, dm.std), net.attention_maps(x)
     return save_attention_maps(images, maps, out_dir, prefix=task.hparams.model["name"], max_images=max_images,
@@ -136,11 +136,15 @@ def _evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     if odd:  # e.g. feature bags from another backbone than the checkpoint's net was trained on
         raise ZooError(f"data '{cfg.data.dataset}' does not fit the checkpoint's net: "
                        + ", ".join(f"{k}={v} in the data, {k}={c} in {cfg.ckpt_path}" for k, (c, v) in odd.items()))
-    if dm.num_classes != task.num_classes:
+    if task.task == "reid":  # retrieval compares features of unseen identities: any Re-ID data will do
+        if dm.task != "reid":
+            raise ZooError(f"{cfg.ckpt_path} is a Re-ID checkpoint; evaluate it on Re-ID data (data=digit_reid, "
+                           f"market1501, ...), not the {dm.task} data '{cfg.data.dataset}'")
+    elif dm.num_classes != task.num_classes:
         raise ZooError(f"the checkpoint has {task.num_classes} classes but data '{cfg.data.dataset}' has "
                        f"{dm.num_classes}; evaluate on the data it was trained for")
     stored_names = list((task.hparams.data_info or {}).get("class_names") or [])
-    if stored_names and list(dm.class_names) != stored_names:  # same count, other classes or another order
+    if task.task != "reid" and stored_names and list(dm.class_names) != stored_names:  # other classes or order
         raise ZooError(f"the checkpoint's classes {stored_names[:10]} are not data '{cfg.data.dataset}'s "
                        f"{list(dm.class_names)[:10]}; a metric over them would compare the wrong labels")
     trainer = L.Trainer(**trainer_kwargs(cfg), logger=build_loggers(cfg) or False,

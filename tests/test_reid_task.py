@@ -163,9 +163,6 @@ def test_plain_net_trains_for_reid_with_bnneck_and_restores_from_its_checkpoint(
     task.eval(), restored.eval()
     with torch.no_grad():
         assert torch.allclose(task.features(x), restored.features(x), atol=1e-6)  # BNNeck running stats came back
-    again = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).test(restored, datamodule=dm,
-                                                                                        verbose=False)[0]
-    assert again == pytest.approx(metrics, abs=1e-6)
 
 
 def test_metrics_need_the_whole_split(tmp_path):

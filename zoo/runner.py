@@ -80,7 +80,8 @@ def data_info(dm: Any) -> dict:
     run = getattr(dm, "run_input", None)
     return ({"spacing": spacing} if spacing is not None else {}) | ({"inference": inference} if inference else {}) | extra | {
         "dataset": getattr(dm, "dataset", None) or dm.hparams.get("dataset"),
-        "img_size": getattr(dm, "img_size", None),
+        # Re-ID: (H, W) as img_hw; img_size (a square side everywhere it is read back) is left out
+        "img_size": None if _data_hw(dm) else getattr(dm, "img_size", None),
         **({"img_hw": list(_data_hw(dm))} if _data_hw(dm) else {}),
         "in_chans": getattr(dm, "in_chans", None),
         "mean": list(dm.mean) if getattr(dm, "mean", None) is not None else None,
