@@ -152,3 +152,13 @@ def test_the_digit_reid_demo_trains_in_process_and_evaluates_with_pictures(compo
     assert again == pytest.approx(metrics, abs=1e-6)
     drawn = sorted(p.name for p in (tmp_path / "maps").glob("*.png"))
     assert len(drawn) == 6 and any("glca_queries" in n for n in drawn) and any("rollout" in n for n in drawn)
+
+    # `zoo explain` on an image file: the checkpoint's 32 x 16 input, no class named for a feature extractor
+    from PIL import Image
+
+    from zoo.__main__ import main
+
+    Image.fromarray((torch.rand(64, 32, 3) * 255).byte().numpy()).save(tmp_path / "query.png")
+    assert main(["explain", "--ckpt", str(best), str(tmp_path / "query.png"), "--out", str(tmp_path / "cli")]) == 0
+    assert {p.name for p in (tmp_path / "cli").glob("*.png")} == {
+        "query_rollout.png", "query_glca_queries.png", "query_glca_cls_attention.png"}

@@ -261,7 +261,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise ZooError(f"{name} defines no attention_maps(x); `zoo explain` needs a model that does")
     if args.top_traits and not caps.rank_heads:
         raise ZooError(f"{name} has no head ranking (rank_heads); --top-traits is for Prompt-CAM models")
-    size = (run.img_size, run.img_size)
+    hw = (hp.get("data_info") or {}).get("img_hw") if args.ckpt else None  # a Re-ID run's (H, W)
+    size = tuple(hw) if hw and args.img_size is None else (run.img_size, run.img_size)
     spec.check_input_size(size)
 
     paths = [Path(p) for p in args.images]
@@ -290,7 +291,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         x = normalize(imgs, run.mean, run.std).to(device)
         with torch.no_grad():
             maps = net.attention_maps(x, top_traits=args.top_traits) if args.top_traits else net.attention_maps(x)
-            logits = net(x) if spec.task == "classification" else None
+            # a net without classifier (a Re-ID checkpoint's feature extractor) has no class to name
+            logits = net(x) if spec.task == "classification" and getattr(net, "num_classes", 0) else None
         if not isinstance(maps, dict) or not maps:
             raise ZooError(f"{name}.attention_maps(x) returned {type(maps).__name__}, not a dict of [B, K, h, w] maps")
         titles = [p.name for p in chunk]
