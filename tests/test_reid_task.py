@@ -10,6 +10,7 @@ import torch
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP
 
 from zoo.data import ReIDDataModule
+from zoo.errors import TaskMismatchError
 from zoo.reid_metrics import distance_matrix, retrieval_metrics
 from zoo.runner import build_task, load_task, prepare_data
 from zoo.tasks import ReIDTask
@@ -185,6 +186,9 @@ def test_options_and_models_that_cannot_do_reid_are_refused():
         build_task({"name": "vit_nano"}, dm, optim={"mixup_alpha": 0.8})
     with pytest.raises(ConfigError, match="no Re-ID mode"):  # an own objective on class logits only
         build_task({"name": "sparsifiner_deit_nano"}, dm)
+
+    with pytest.raises(TaskMismatchError, match="Pick a classification model"):  # Re-ID trains classifiers
+        prepare_data(digit_reid(), "fpn_tiny")
 
     from zoo.data import ClassificationDataModule
 

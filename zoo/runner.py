@@ -33,9 +33,10 @@ def prepare_data(dm: Any, model_name: str, stored: dict | None = None, log: Any 
     config > a checkpoint's ``stored`` input > model spec > dataset default), give it to ``dm``, set up."""
     spec = get_spec(model_name)
     if run_task(spec.task, dm.task) != dm.task:
+        want = "classification" if dm.task == "reid" else dm.task  # Re-ID data trains classification nets
         raise TaskMismatchError(
             f"model {model_name!r} is a {spec.task} model but data '{getattr(dm, 'dataset', type(dm).__name__)}' "
-            f"is a {dm.task} dataset. Pick a {dm.task} model (`python -m zoo list --task {dm.task}`) "
+            f"is a {dm.task} dataset. Pick a {want} model (`python -m zoo list --task {want}`) "
             f"or {spec.task} data."
         )
     run = resolve_run_input(spec, dm.given_input(), dm.dataset_defaults, stored, log)
