@@ -128,7 +128,7 @@ def _fit_and_test(cfg: DictConfig, ckpt_path: str | None, out_dir: Path) -> dict
     dm = instantiate(cfg.data, _convert_="all")
     prepare_data(dm, cfg.model.name)
     task = build_task(container(cfg.model), dm, optim=container(cfg.optim), init_from=cfg.get("init_from"),
-                      compile=cfg.trainer.get("compile", False))
+                      compile=cfg.trainer.get("compile", False), reid=container(cfg.get("reid")))
 
     callbacks = build_callbacks(cfg, task.monitor, task.monitor_mode) + reliability_callbacks()
     trainer = L.Trainer(**trainer_kwargs(cfg), callbacks=callbacks, logger=build_loggers(cfg) or False,

@@ -174,7 +174,8 @@ def test_contract_capabilities_and_shared_sincos_start():
     m = nano()
     assert isinstance(m, ZooModel)
     assert contract_violations(m, "classification") == []
-    assert capabilities(m) == Capabilities(own_objective=True, attention_maps=True, bench_extras=True)
+    assert capabilities(m) == Capabilities(own_objective=True, attention_maps=True, bench_extras=True,
+                                           feature_objective=True)
     want = torch.zeros_like(m.pos_embed)
     init_sincos_pos_embed_(want, m.patch_embed.grid_size, 64)
     assert torch.equal(m.pos_embed.detach(), want)  # the shared sin-cos start, class row zero

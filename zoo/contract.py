@@ -28,6 +28,12 @@ Optional capabilities, declared on the class as ``zoo_capabilities = Capabilitie
 ``trainable_groups``  ``freeze_backbone()`` freezes what the model's recipe does not train
 ``bench_extras``      ``bench_extras(img_size) -> dict`` numbers ``zoo bench`` adds to its row
 ``no_weight_decay``   dense / MIL nets: ``no_weight_decay() -> set[str]`` (classification: required)
+``feature_objective`` metric learning on features (Re-ID): ``feature_heads(inference=False) -> {head: dim}``
+                      names the features the net trains (``inference=True``: those whose concatenation,
+                      in that order, is ``forward_head(x, pre_logits=True)``), and
+                      ``forward_train_features(x, y, criterion) -> {loss_name: tensor}`` scores each
+                      branch's feature ``[B, dim]`` with the task's ``criterion(head, feature, y)`` and
+                      weighs the branches as the model's method does
 ====================  ===========================================================================
 
 ``overlay_style`` (a dict of keyword arguments for :func:`zoo.explain.save_attention_maps`) is a
@@ -60,13 +66,14 @@ class Capabilities:
     trainable_groups: bool = False
     bench_extras: bool = False
     no_weight_decay: bool = False  # dense / MIL nets; classification nets always have it (timm's surface)
+    feature_objective: bool = False  # Re-ID: feature_heads() + forward_train_features(x, y, criterion)
 
     # capability -> the method it promises
     METHODS: ClassVar[dict[str, str]] = {
         "own_objective": "forward_train", "soft_targets": "forward_train", "attention_maps": "attention_maps",
         "attention_weights": "attention_weights", "rank_heads": "rank_heads",
         "trainable_groups": "freeze_backbone", "bench_extras": "bench_extras",
-        "no_weight_decay": "no_weight_decay",
+        "no_weight_decay": "no_weight_decay", "feature_objective": "forward_train_features",
     }
 
     def declared(self) -> list[str]:
@@ -113,6 +120,8 @@ def contract_violations(net: nn.Module, task: str) -> list[str]:
             problems.append(f"declares {cap} but has no {method}()")
         if has and not any(getattr(caps, c) for c, m in Capabilities.METHODS.items() if m == method):
             problems.append(f"has {method}() but declares no capability for it")
+    if caps.feature_objective and not callable(getattr(net, "feature_heads", None)):
+        problems.append("declares feature_objective but has no feature_heads()")
     if task == "classification":
         problems += [f"lacks timm's {m}()" for m in TIMM_SURFACE if not callable(getattr(net, m, None))]
         problems += [f"lacks timm's {a}" for a in TIMM_ATTRIBUTES if not hasattr(net, a)]

@@ -68,7 +68,20 @@ Documented choices (the paper leaves them open) and deviations:
   (non-fused) attention; the PWCA stream and the GLCA block use ``F.scaled_dot_product_attention``.
 - Input sizes: any multiple of the patch size (``dynamic_img_size``: ``pos_embed`` is resampled on the
   fly); build with ``img_size=448`` for the FGVC recipe so the resampling happens once, at load time.
-- Re-ID (triplet loss, feature concatenation at inference) is not implemented.
+- Re-ID (the paper's second task): with ``num_classes=0`` (no classifiers) the net is trained by
+  :class:`zoo.tasks.ReIDTask` through the ``feature_objective`` capability. ``feature_heads()`` names the
+  class-token features ``{"sa": D, "glca": D}``; ``forward_train_features(x, y, criterion)`` runs the three
+  branches and scores the SA, GLCA and PWCA class tokens with the task's criterion (identity
+  cross-entropy after a BNNeck + triplet loss: "a triplet loss added to each branch"), the PWCA token with
+  the SA head's (PWCA shares every SA weight), and weighs the three losses as in FGVC (uncertainty
+  weighting, ``loss_weighting``). The Re-ID feature at inference is ``forward_head(x, pre_logits=True)``:
+  the SA and GLCA class tokens concatenated, ``[B, 2D]`` (``inference="sa"``: SA only, the paper's SA-only
+  ablation). PWCA is never computed at inference. The recipes set R = ``glca_ratio=0.3`` (the paper's
+  Re-ID ratio; 0.1 for FGVC) and 256 x 128 (persons) or 256 x 256 (VeRi-776) inputs.
+- ``dcal_vit_base_r50``: the R50 + ViT-B/16 hybrid of the paper's Table 1, timm's ``vit_base_r50_s16_224``
+  (a ResNetV2-50 stem of 3 + 4 + 9 bottleneck units, stride 16, as ``HybridEmbed`` with 1 x 1 patches) under
+  the same DCAL blocks; its IN-21k weights are timm's ``vit_base_r50_s16_224.orig_in21k``. Parameter counts
+  are measured in the README's model table.
 - ``dcal_deit_nano`` (CPU, 32 px digits): 4x4 patches (64 tokens), 64-d, 4 blocks, 4 heads, MLP ratio 2, the
   position embedding starting from a 2-D sin-cos table (still learned), as ``dependencyvit_nano``.
 
@@ -77,11 +90,12 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from timm.models._features import feature_take_indices
+from timm.layers import PatchEmbed
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _timm_filter
@@ -257,12 +271,13 @@ class DCAL(ZooModel, VisionTransformer):
       branches: the net becomes a plain ViT feature extractor.
     """
 
-    zoo_capabilities = Capabilities(own_objective=True, attention_maps=True, bench_extras=True)
+    zoo_capabilities = Capabilities(own_objective=True, attention_maps=True, bench_extras=True,
+                                    feature_objective=True)
 
     def __init__(
         self,
         *,
-        img_size: int = 224,
+        img_size: int | Sequence[int] = 224,
         patch_size: int = 16,
         in_chans: int = 3,
         num_classes: int = 1000,
@@ -284,12 +299,14 @@ class DCAL(ZooModel, VisionTransformer):
         inference: str = "sum",
         pos_embed_init: str = "trunc_normal",
         dynamic_img_size: bool = True,
+        embed_layer: Callable[..., nn.Module] = PatchEmbed,
     ):
         check_pos_embed_init(pos_embed_init)
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                          qkv_bias=qkv_bias, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-                         drop_path_rate=drop_path_rate, dynamic_img_size=dynamic_img_size, block_fn=DCALBlock)
+                         drop_path_rate=drop_path_rate, dynamic_img_size=dynamic_img_size, block_fn=DCALBlock,
+                         embed_layer=embed_layer)
         if not 0 < glca_ratio <= 1:
             raise ValueError(f"glca_ratio must be in (0, 1], got {glca_ratio}")
         glca_input = depth if glca_input is None else int(glca_input)
@@ -473,12 +490,39 @@ class DCAL(ZooModel, VisionTransformer):
         if self.use_pwca:
             logits["pwca"] = self._sa_logits(o["pwca"])
         ce = {b: F.cross_entropy(logits[b], y, label_smoothing=self.label_smoothing) for b in self.branches}
-        if self.loss_log_vars is not None:
-            w = self.loss_log_vars
-            losses = {b: 0.5 * (torch.exp(-w[i]) * ce[b] + w[i]) for i, b in enumerate(self.branches)}
-        else:
-            losses = ce if len(ce) > 1 else {"ce": ce["sa"]}
-        return self._fuse(logits["sa"], logits.get("glca")), losses
+        losses = self._weigh(ce)
+        return self._fuse(logits["sa"], logits.get("glca")), losses if len(ce) > 1 else {"ce": ce["sa"]}
+
+    def _weigh(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-branch losses -> the terms whose sum is the objective: ``1/2 (e^-w_k L_k + w_k)`` each with
+        uncertainty weighting, else the losses themselves (a plain sum)."""
+        if self.loss_log_vars is None:
+            return raw
+        w = self.loss_log_vars
+        return {b: 0.5 * (torch.exp(-w[i]) * raw[b] + w[i]) for i, b in enumerate(self.branches)}
+
+    def feature_heads(self, inference: bool = False) -> dict[str, int]:
+        """The class-token features a metric-learning task trains: ``{"sa": D, "glca": D}`` (``"sa"`` only without
+        GLCA); ``inference=True``: those ``forward_head(x, pre_logits=True)`` concatenates, in its order."""
+        heads = {"sa": self.embed_dim, **({"glca": self.embed_dim} if self.use_glca else {})}
+        if inference:
+            keep = {"sum": ("sa", "glca"), "sa": ("sa",), "glca": ("glca",)}[self.inference]
+            heads = {h: d for h, d in heads.items() if h in keep}
+        return heads
+
+    def forward_train_features(self, x: torch.Tensor, y: torch.Tensor,
+                               criterion: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
+                               ) -> dict[str, torch.Tensor]:
+        """Training on features (Re-ID): the class tokens of SA, GLCA and PWCA (``[B, D]`` each, as the heads read
+        them), each scored by ``criterion(head, feature, y)``, PWCA with the ``"sa"`` head (shared weights);
+        returns the weighted terms ``{"sa", "glca", "pwca"}`` (one branch: ``{"sa"}``)."""
+        o = self._run(x, pwca=self.use_pwca)
+        feats = {"sa": self.head_drop(self.fc_norm(o["sa"][:, 0]))}
+        if self.use_glca:
+            feats["glca"] = self.head_drop(o["glca"][:, 0])
+        if self.use_pwca:
+            feats["pwca"] = self.head_drop(self.fc_norm(o["pwca"][:, 0]))
+        return self._weigh({b: criterion("sa" if b == "pwca" else b, f, y) for b, f in feats.items()})
 
     # ------------------------------------------------------------------ inspection
     @torch.no_grad()
@@ -519,11 +563,12 @@ class DCAL(ZooModel, VisionTransformer):
 
     def bench_extras(self, img_size: int | None = None) -> dict[str, Any]:
         """Analytic multiply-adds per image at inference: the SA backbone, the GLCA block, the rollout."""
-        size = img_size or self.patch_embed.img_size[0]
-        n = (size // self.patch_embed.patch_size[0]) ** 2
+        hw = (img_size, img_size) if img_size else tuple(self.patch_embed.img_size)
+        gh, gw = self.patch_embed.dynamic_feat_size(hw)
+        n = gh * gw
         D, L = self.embed_dim, len(self.blocks)
         hid = self.blocks[0].mlp.fc1.out_features
-        t = n + 1
+        t = n + 1  # the hybrid's CNN stem is not counted: ViT blocks + patch projection only
         sa = L * (t * (4 * D * D + 2 * D * hid) + 2 * t * t * D) + n * self.patch_embed.proj.weight[0].numel() * D
         out = {"sa_gmacs_analytic": round(sa / 1e9, 4)}
         if self.use_glca:
@@ -664,9 +709,14 @@ _SPEC = dict(task="classification", paper=PAPER, paper_ids=("arXiv:2205.02151",)
 _NOTE = "paper Table 1 (448 px; the backbone alone on CUB: {}); GLCA: +9% params, +2% FLOPs on DeiT-T"
 
 
-def _fgvc(cub: float, cars: float, aircraft: float, baseline_cub: float) -> Reference:
+def _fgvc(cub: float, cars: float, aircraft: float, baseline_cub: float, reid: tuple[Metric, ...] = ()) -> Reference:
     return Reference(metrics=(Metric("top1", cub, "cub200", 448), Metric("top1", cars, "stanford_cars", 448),
-                              Metric("top1", aircraft, "fgvc_aircraft", 448)), note=_NOTE.format(baseline_cub))
+                              Metric("top1", aircraft, "fgvc_aircraft", 448), *reid), note=_NOTE.format(baseline_cub))
+
+
+# paper Table 2, ViT-B: Re-ID mAP at 256 x 128 (VeRi-776: 256 x 256)
+_REID_VIT_B = (Metric("map", 87.5, "market1501", 256), Metric("map", 80.1, "dukemtmc", 256),
+               Metric("map", 64.0, "msmt17", 256), Metric("map", 80.2, "veri776", 256))
 
 
 @register_model(input_size=(3, 224, 224), source="zoo (timm ViT); backbone timm:deit_tiny_patch16_224 (IN-1k)",
@@ -689,11 +739,27 @@ def dcal_deit_base(pretrained: bool = False, **kwargs: Any) -> DCAL:
 
 @register_model(input_size=(3, 224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                 source="zoo (timm ViT); backbone timm:vit_base_patch16_224.augreg_in21k (IN-21k)",
-                weights=Weights(backbone="vit_base_patch16_224.augreg_in21k"), reference=_fgvc(91.4, 93.4, 91.5, 90.8),
-                **_SPEC)
+                weights=Weights(backbone="vit_base_patch16_224.augreg_in21k"),
+                reference=_fgvc(91.4, 93.4, 91.5, 90.8, _REID_VIT_B), **_SPEC)
 def dcal_vit_base(pretrained: bool = False, **kwargs: Any) -> DCAL:
     return _create(pretrained, "vit_base_patch16_224.augreg_in21k",
                    **{**dict(embed_dim=768, depth=12, num_heads=12), **kwargs})
+
+
+@register_model(input_size=(3, 224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                source="zoo (timm hybrid ViT); backbone timm:vit_base_r50_s16_224.orig_in21k (R50 + ViT-B/16, IN-21k)",
+                weights=Weights(backbone="vit_base_r50_s16_224.orig_in21k"), reference=_fgvc(92.0, 95.3, 93.3, 91.3),
+                **{**_SPEC, "first_conv": "patch_embed.backbone.stem.conv"})
+def dcal_vit_base_r50(pretrained: bool = False, **kwargs: Any) -> DCAL:
+    """R50 + ViT-B/16 hybrid (timm's ``vit_base_r50_s16_224``): a ResNetV2-50 stem (3 + 4 + 9 units, stride 16)
+    embeds 1 x 1 patches of its 1024-channel map; 12 DCAL blocks of 768-d on top."""
+    from timm.layers import HybridEmbed
+    from timm.models.vision_transformer_hybrid import _resnetv2
+
+    stem = _resnetv2((3, 4, 9), in_chans=kwargs.get("in_chans", 3))
+    return _create(pretrained, "vit_base_r50_s16_224.orig_in21k",
+                   **{**dict(embed_dim=768, depth=12, num_heads=12, patch_size=1,
+                             embed_layer=partial(HybridEmbed, backbone=stem)), **kwargs})
 
 
 @register_model(input_size=(3, 32, 32), size_divisor=4, min_size=4, task="classification", paper=PAPER,

@@ -244,8 +244,7 @@ class ZooTask(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         o = self.optim
-        no_decay = no_weight_decay(self.net, self.task)
-        groups = param_groups_weight_decay(self.net, o["weight_decay"], no_weight_decay_list=no_decay)
+        groups = self.param_groups(float(o["weight_decay"]))
         name = o["name"].lower()
         lr = self._scaled_lr()
         if name == "adamw":
@@ -263,6 +262,12 @@ class ZooTask(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(o, total, self.trainer.max_epochs))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """The optimizer's parameter groups: the net's, its ``no_weight_decay()`` names and 1-D parameters without
+        decay (a task with parameters of its own, e.g. Re-ID's BNNeck and identity classifier, adds them)."""
+        no_decay = no_weight_decay(self.net, self.task)
+        return param_groups_weight_decay(self.net, weight_decay, no_weight_decay_list=no_decay)
 
     def _scaled_lr(self) -> float:
         """``optim.lr``, scaled by the effective batch when ``optim.lr_base_batch`` is set; logged once."""
