@@ -89,7 +89,10 @@ def _valid_tokens(h: int, w: int, hp: int, wp: int, n_win: int, device: torch.de
     return valid.view(n_win, rh, n_win, rw).permute(0, 2, 1, 3).reshape(n_win * n_win, rh * rw)
 
 
-ATTN_IMPLS = ("gather", "flex")
+ATTN_IMPLS = ("gather", "masked", "flex")
+# "gather" runs a layer as "masked" when routing keeps at least this fraction of the regions (BiFormer-T/S: stage 3,
+# 16 of 49): there the k-fold copy of k and v costs more than the dense scores it avoids (results/biformer.md)
+MASKED_FROM = 0.25
 
 
 def _flex_block_multiple(device: torch.device) -> int:
@@ -187,9 +190,19 @@ class BiLevelRoutingAttention(nn.Module):
             idx = torch.topk(logits, k=self.topk, dim=-1).indices  # routing weights: unused (mul_weight='none')
         return q, k, v, lepe, idx, valid, (hp, wp)
 
+    def execution(self) -> str:
+        """What ``forward`` runs: ``attn_impl``, except that "gather" becomes "masked" where routing keeps at
+        least ``MASKED_FROM`` of the regions."""
+        if self.attn_impl == "gather" and self.topk >= MASKED_FROM * self.n_win ** 2:
+            return "masked"
+        return self.attn_impl
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.attn_impl == "flex":
+        impl = self.execution()
+        if impl == "flex":
             return self._forward_flex(x)
+        if impl == "masked":
+            return self._forward_masked(x)
         n, h, w, c = x.shape
         s, k, heads = self.n_win, self.topk, self.num_heads
         q, kk, v, lepe, idx, valid, (hp, wp) = self._project(x)
@@ -205,6 +218,32 @@ class BiLevelRoutingAttention(nn.Module):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), ks, vs, attn_mask=mask, scale=self.scale)
         # (n*S2, heads, t, hd) -> (n, hp, wp, c)
         out = out.view(n, s, s, heads, hp // s, wp // s, c // heads).permute(0, 1, 4, 2, 5, 3, 6)
+        out = out.reshape(n, hp, wp, c)[:, :h, :w]
+        return self.proj(out + lepe)
+
+    def _forward_masked(self, x: torch.Tensor) -> torch.Tensor:
+        """Same maths as :meth:`forward`, dense: per image, every query against every key in one
+        ``F.scaled_dot_product_attention`` call, keys outside the query region's routed regions (and padded
+        keys) masked by a float ``-inf`` bias (exactly zero weight, as if absent). ``S2 / topk`` times the score
+        work of the gather, but no k-fold copy of k and v, and the mask needs no gradient (CPU: fused forward and
+        backward)."""
+        n, h, w, c = x.shape
+        s, heads = self.n_win, self.num_heads
+        q, kk, v, lepe, idx, valid, (hp, wp) = self._project(x)
+        t, s2 = q.shape[1], s * s
+        routed = torch.zeros(n, s2, s2, dtype=torch.bool, device=x.device).scatter_(2, idx, True)
+        keep = routed[:, :, None, :, None].expand(n, s2, t, s2, t)  # [image, q region, q token, k region, k token]
+        if valid is not None:
+            keep = keep & valid.view(1, 1, 1, s2, t)
+        bias = torch.zeros(keep.shape, dtype=q.dtype, device=x.device).masked_fill_(~keep, float("-inf"))
+
+        def img(z: torch.Tensor) -> torch.Tensor:  # (n*S2, t, heads, hd) -> (n, heads, S2*t, hd): a view
+            return z.view(n, s2 * t, heads, c // heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(img(q), img(kk), img(v), attn_mask=bias.view(n, 1, s2 * t, s2 * t),
+                                             scale=self.scale)
+        # (n, heads, S2*t, hd) -> (n, hp, wp, c)
+        out = out.view(n, heads, s, s, hp // s, wp // s, c // heads).permute(0, 2, 4, 3, 5, 1, 6)
         out = out.reshape(n, hp, wp, c)[:, :h, :w]
         return self.proj(out + lepe)
 
