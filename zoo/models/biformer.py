@@ -22,10 +22,16 @@ Documented choices / deviations:
 - **Speed.** The official op gathers k and v together, splits and rearranges them (three k-fold copies) and
   materialises the attention matrix. Here qkv is laid out by region once, the routed regions' k|v are picked
   with one ``index_select`` (the single k-fold copy the algorithm needs: each region attends to its own set),
-  and attention runs in ``F.scaled_dot_product_attention`` on strided views (no further copies).
+  and attention runs in ``F.scaled_dot_product_attention`` on strided views (no further copies); the output
+  goes back to the image layout inside the ``+ LCE`` add (no separate re-layout copy). Where routing keeps at
+  least a quarter of the regions (``MASKED_FROM``; BiFormer-T/S: stage 3, 16 of 49) the k-fold copy costs
+  more than the scores it saves, and the layer runs as ``"masked"`` instead (below; same maths).
   Side-by-side speed and memory against the official code: ``results/biformer.md``.
 - **attn_impl** (constructor kwarg of :class:`BiFormer` / ``create_model``, not in the state dict):
-  ``"gather"`` (default, above) or ``"flex"``: block-sparse ``torch.compile(flex_attention)``, no k-fold
+  ``"gather"`` (default, above), ``"masked"`` (every BRA layer: per image one dense SDPA call over all tokens,
+  keys outside the query region's routed regions masked by a ``-inf`` float bias, i.e. weight exactly zero;
+  ``n_win**2 / topk`` times the score work, no k-fold copy, and the mask needs no gradient, so torch's fused
+  CPU kernel runs forward and backward) or ``"flex"``: block-sparse ``torch.compile(flex_attention)``, no k-fold
   copy. Per image, all regions' tokens form one sequence, region-major, each region one block of ``tp``
   tokens (``t`` padded to a multiple of 16 on CUDA, the Triton kernel's smallest tile; no padding on CPU);
   ``BlockMask.from_kv_blocks`` lists the routed regions of each query block, and the mask_mod (which eager
@@ -162,7 +168,7 @@ class BiLevelRoutingAttention(nn.Module):
         # tensor, so backward never zero-fills and slices a 3c-wide gradient
         wq, wk, wv = self.qkv.weight.chunk(3, 0)
         bq, bk, bv = self.qkv.bias.chunk(3, 0)
-        v_img = F.linear(x, wv, bv)
+        q_img, k_img, v_img = F.linear(x, wq, bq), F.linear(x, wk, bk), F.linear(x, wv, bv)
         lepe = self.lepe(v_img.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # LCE on the unpadded v
         ph, pw = (-h) % s, (-w) % s
         hp, wp = h + ph, w + pw
@@ -174,7 +180,7 @@ class BiLevelRoutingAttention(nn.Module):
             t = t.view(n, s, rh, s, rw, c).transpose(2, 3)
             return t.reshape(n * s * s, rh * rw, heads, c // heads)
 
-        q, k, v = regions(F.linear(x, wq, bq)), regions(F.linear(x, wk, bk)), regions(v_img)
+        q, k, v = regions(q_img), regions(k_img), regions(v_img)
         valid = _valid_tokens(h, w, hp, wp, s, x.device) if (ph or pw) else None
         with torch.no_grad():  # diff_routing=False: q and k are detached for routing
             if valid is None:
@@ -216,10 +222,18 @@ class BiLevelRoutingAttention(nn.Module):
         if valid is not None:  # padded keys take no part in attention
             mask = valid[idx].view(n * s * s, 1, 1, k * t)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), ks, vs, attn_mask=mask, scale=self.scale)
-        # (n*S2, heads, t, hd) -> (n, hp, wp, c)
-        out = out.view(n, s, s, heads, hp // s, wp // s, c // heads).permute(0, 1, 4, 2, 5, 3, 6)
-        out = out.reshape(n, hp, wp, c)[:, :h, :w]
-        return self.proj(out + lepe)
+        # (n*S2, heads, t, hd) -> (n, s, rh, s, rw, heads, hd): a view; the image layout is made by the add
+        return self._out(out.view(n, s, s, heads, hp // s, wp // s, c // heads).permute(0, 1, 4, 2, 5, 3, 6), lepe)
+
+    def _out(self, out: torch.Tensor, lepe: torch.Tensor) -> torch.Tensor:
+        """``proj(out + lepe)`` for the attention output in region layout ``(n, s, rh, s, rw, heads, hd)`` (a
+        strided view) and ``lepe`` (NHWC, unpadded). Without padding the add itself writes the image layout
+        (it follows ``lepe``'s strides, the first operand): no separate re-layout copy."""
+        n, s, rh, _, rw, heads, hd = out.shape
+        h, w, c = lepe.shape[1:]
+        if (s * rh, s * rw) == (h, w):
+            return self.proj((lepe.view(n, s, rh, s, rw, heads, hd) + out).view(n, h, w, c))
+        return self.proj(out.reshape(n, s * rh, s * rw, c)[:, :h, :w] + lepe)
 
     def _forward_masked(self, x: torch.Tensor) -> torch.Tensor:
         """Same maths as :meth:`forward`, dense: per image, every query against every key in one
@@ -242,10 +256,8 @@ class BiLevelRoutingAttention(nn.Module):
 
         out = F.scaled_dot_product_attention(img(q), img(kk), img(v), attn_mask=bias.view(n, 1, s2 * t, s2 * t),
                                              scale=self.scale)
-        # (n, heads, S2*t, hd) -> (n, hp, wp, c)
-        out = out.view(n, heads, s, s, hp // s, wp // s, c // heads).permute(0, 2, 4, 3, 5, 1, 6)
-        out = out.reshape(n, hp, wp, c)[:, :h, :w]
-        return self.proj(out + lepe)
+        # (n, heads, S2*t, hd) -> (n, s, rh, s, rw, heads, hd): a view
+        return self._out(out.view(n, heads, s, s, hp // s, wp // s, c // heads).permute(0, 2, 4, 3, 5, 1, 6), lepe)
 
     def _forward_flex(self, x: torch.Tensor) -> torch.Tensor:
         """Same maths as :meth:`forward`, block-sparse: one FlexAttention call per image over all its regions'
