@@ -264,7 +264,7 @@ class BiLevelRoutingAttention(nn.Module):
         tokens (region-major, each region padded to ``tp`` tokens), one block per region, the block mask
         listing the routed regions. No k-fold copy of k and v is made."""
         n, h, w, c = x.shape
-        s, k, heads = self.n_win, self.topk, self.num_heads
+        s, heads = self.n_win, self.num_heads
         q, kk, v, lepe, idx, valid, (hp, wp) = self._project(x)
         t, s2 = q.shape[1], s * s
         tp = -(-t // _flex_block_multiple(x.device)) * _flex_block_multiple(x.device)

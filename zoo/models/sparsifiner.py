@@ -100,7 +100,7 @@ from ..layers.pos_embed import check_patch_grid, check_pos_embed_init, init_sinc
 from ..layers.sparse_attention import (csr_attention, gather_attention, masked_dense_attention,
                                       sdpa_masked_attention, spmm, topk_indices_nonneg, topk_nonneg)
 from ..registry import register_model
-from ..spec import Metric, Reference, Weights
+from ..spec import Reference, Weights
 
 PAPER = "Wei et al., Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision Transformers, CVPR 2023"
 PHASES = ("predictor", "backbone")
