@@ -15,8 +15,8 @@ resulting rule on the image (256 for b=8 with halo attention in stage 4), checke
 
 ``attn_impl`` (every builder): how the halo layers execute, ``"timm"`` (timm's forward) or ``"sdpa"``
 (``scaled_dot_product_attention`` with timm's relative-position logits as a float bias); same parameters,
-same state dict, same outputs (see ``zoo.layers.halo_attention``). The default is the one measured faster on
-CPU (``results/halonet.md``).
+same state dict, same outputs (see ``zoo.layers.halo_attention``). The default, ``"sdpa"``, is the one
+measured faster on CPU, in inference and training (``results/halonet.md``).
 """
 from __future__ import annotations
 
