@@ -1,5 +1,6 @@
-"""GPU benchmark of issue #21: BiFormer-T gather vs flex (vs the official code), and every architecture of the
-issue against its reference, bf16 inference and training, torch.compile on and off. One JSON out.
+"""GPU benchmark of issue #21: BiFormer-T gather vs flex (vs the official code), HaloNet's and Sparsifiner's
+attention executions, and every architecture of the issue against its reference, bf16 inference and training,
+torch.compile on and off. One JSON out.
 
     python bench/gpu_attention.py --out bench_h200.json                       # the whole table, on cuda
     python bench/gpu_attention.py --official /tmp/BiFormer --models biformer_tiny
@@ -27,6 +28,13 @@ JSON written to ``--out`` (default ``gpu_attention.json``)::
                "infer_peak_mem_mb": 885.0, "train_peak_mem_mb": 9573.0,
                "infer_tflops": 20.7, "train_tflops": 17.2, "infer_peak_share": 0.021, "train_peak_share": 0.017,
                "error": null}]}
+
+``VARIANTS`` (halonet26t: ``attn_impl`` timm / sdpa; sparsifiner_deit_small: ``execution`` csr / sdpa / gather /
+masked) are rows labelled ``MODEL/IMPL`` with ``impl`` the variant (csr: inference only, it has no backward),
+the timm reference standing beside the first; their ``checks`` entry::
+
+    {"model": "halonet26t", "img_size": 256, "reference": "timm",
+     "max_abs_logit_diff": {"timm": 0.0, "sdpa": 3e-7}, "max_abs_grad_diff": {"timm": 0.0, "sdpa": 1e-6}}
 
 ``gmacs``: multiply-adds per image (``zoo.bench``'s ``gflops``); for every BiFormer implementation it is the
 gather row's count (the same work; torch's FLOP counter does not see inside FlexAttention).
@@ -61,6 +69,13 @@ TABLE = [
     ("dcal_deit_tiny", {}, 448, "timm:deit_tiny_patch16_224"),
     ("msguided_resnet101", {}, 256, "timm:resnet101"),
 ]
+# issue #21 item 2: the attention executions of these models, one row each (label, kwargs, has a backward); the
+# first is the one that was the default before (HaloNet: timm's forward; Sparsifiner: csr at inference)
+VARIANTS = {
+    "halonet26t": [("timm", {"attn_impl": "timm"}, True), ("sdpa", {"attn_impl": "sdpa"}, True)],
+    "sparsifiner_deit_small": [("csr", {"execution": "csr"}, False), ("sdpa", {"execution": "sdpa"}, True),
+                               ("gather", {"execution": "gather"}, True), ("masked", {"execution": "masked"}, True)],
+}
 _OFFICIAL_ENV = "ZOO_BIFORMER_OFFICIAL"  # read by the spawned workers, which do not see our argv
 
 
@@ -115,6 +130,15 @@ def plan(models: list[str] | None, official: bool) -> list[dict]:
                                  img=img, flops_of=f"{name}/gather", reference_of=f"{name}/gather"))
             continue
         label = name + "".join(f"[{k}={v}]" for k, v in kwargs.items())
+        if name in VARIANTS:  # one row per attention execution; FLOPs as counted for each (they differ)
+            first = None
+            for impl, kw, grad in VARIANTS[name]:
+                rows.append(dict(label=f"{label}/{impl}", model=name, impl=impl, kw={**kwargs, **kw}, img=img,
+                                 flops_of=None, reference_of=None, train=grad))
+                first = first or f"{label}/{impl}"
+            if ref:
+                rows.append(dict(label=ref, model=ref, impl="timm", kw={}, img=img, flops_of=None, reference_of=first))
+            continue
         rows.append(dict(label=label, model=name, impl="zoo", kw=kwargs, img=img, flops_of=None, reference_of=None))
         if ref:
             rows.append(dict(label=ref, model=ref, impl="timm", kw={}, img=img, flops_of=None, reference_of=label))
@@ -141,6 +165,36 @@ def flex_check(model: str, device: str) -> dict:
     return dict(model=model, img_size=size, max_abs_logit_diff=(a - b).abs().max().item(), max_abs_grad_diff=gdiff)
 
 
+def variant_check(model: str, device: str) -> dict:
+    """Every execution of ``VARIANTS[model]`` against the first on the same weights, fp32: max |logit diff|
+    (eval) per variant and, for the differentiable ones, max |grad diff| over the parameters against the first
+    differentiable one (train mode). Norm scales are randomised (HaloNet zero-initialises its blocks' last BN,
+    which would hide the attention)."""
+    torch.manual_seed(0)
+    nets = {impl: create_model(model, **kw).to(device) for impl, kw, _ in VARIANTS[model]}
+    first = next(iter(nets.values()))
+    for m in first.modules():
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)) and m.weight is not None:
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+    for m in nets.values():
+        m.load_state_dict(first.state_dict())
+    size = get_spec(model).input_size[-1]
+    x = torch.randn(2, 3, size, size, device=device)
+    with torch.no_grad():
+        logits = {impl: m.eval()(x) for impl, m in nets.items()}
+    ref = next(iter(logits.values()))
+    grads = {}
+    for impl, _, grad in VARIANTS[model]:
+        if grad:
+            nets[impl].train()(x).square().mean().backward()
+            grads[impl] = [p.grad for p in nets[impl].parameters() if p.grad is not None]
+    gref = next(iter(grads.values()))
+    return dict(model=model, img_size=size, reference=next(iter(nets)),
+                max_abs_logit_diff={impl: (v - ref).abs().max().item() for impl, v in logits.items()},
+                max_abs_grad_diff={impl: max((a - b).abs().max().item() for a, b in zip(g, gref))
+                                   for impl, g in grads.items()})
+
+
 def run(args) -> dict:
     if args.official:
         _register_official(args.official)
@@ -149,11 +203,11 @@ def run(args) -> dict:
     amp = args.dtype == "bf16"
     out_rows, gmacs = [], {}
     for r in plan(args.models, bool(args.official)):
-        train = not (r["impl"] == "flex" and args.device == "cpu")
+        train = not (r["impl"] == "flex" and args.device == "cpu") and r.get("train", True)
         for comp in compiles:
             got = benchmark(r["model"], img_size=r["img"], batch_size=args.batch_size, device=args.device, amp=amp,
                             compile=comp, train=train, warmup=args.steps, iters=args.steps,
-                            model_kwargs=r["kw"] if r["impl"] in ("gather", "flex", "zoo") else None,
+                            model_kwargs=r["kw"] if r["impl"] != "timm" else None,
                             isolate=not args.no_isolate, errors="row")[0]
             gmacs.setdefault((r["label"], comp), got.get("gflops"))
             mac = gmacs.get((r["flops_of"], comp)) if r["flops_of"] else got.get("gflops")
@@ -173,6 +227,8 @@ def run(args) -> dict:
                   f"train {row['train_img_s']} img/s  {row['error'] or ''}", flush=True)
     checks = [flex_check(m, args.device) for m in dict.fromkeys(r["model"] for r in plan(args.models, False)
                                                                   if r["impl"] == "flex")]
+    checks += [variant_check(m, args.device) for m in dict.fromkeys(r["model"] for r in plan(args.models, False)
+                                                                     if r["model"] in VARIANTS)]
     meta = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if args.device.startswith("cuda")
                 else "cpu", batch_size=args.batch_size, steps=args.steps,
                 dtype="bfloat16" if amp else "float32", peak_tflops=args.peak_tflops, official=args.official)

@@ -12,9 +12,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one thread per worker (and its subprocesses), no oversubscription
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 def compose(config_name: str, overrides: list[str], out_dir: Path):

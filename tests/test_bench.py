@@ -176,8 +176,10 @@ def test_benchmark_errors():
     assert format_table(rows).row_count == 2
 
 
-def test_cli_bench_json_in_process(capsys):
+def test_cli_bench_json_in_process(capsys, monkeypatch):
     from zoo.__main__ import main
+
+    monkeypatch.delenv("COLUMNS", raising=False)  # a pipe's 160-column table (pytest-xdist workers set COLUMNS)
 
     rc = main(["bench", "_test_bench_cnn", "--img-size", "32", "--batch-size", "2", "--iters", "2",
                "--warmup", "1", "--train", "--no-isolate", "--json"])

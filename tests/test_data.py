@@ -229,14 +229,11 @@ def test_shapes_contract_and_determinism():
     assert set(mv.unique().tolist()) <= {0, 1, 2, 3}  # nearest-neighbour masks: no blended ids
 
 
-def test_shapes_default_size_is_fast():
-    import time
-
-    t = time.perf_counter()
+def test_shapes_default_splits():
+    # no wall-clock assertion: timed tests fail on loaded machines (speed belongs in benchmarks)
     dm = SegmentationDataModule(batch_size=4)
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (1000, 200, 200)
-    assert time.perf_counter() - t < 10
 
 
 CHAOS_MAP = {0: 0, 63: 1, 126: 2, 189: 3, 252: 4}

@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from zoo.bench_pipeline import bench_pipeline
 from zoo.data import ClassificationDataModule
 from zoo.data.device_decode import EncodedBatch
 from zoo.errors import DataFormatError
@@ -130,7 +129,19 @@ def test_lightning_fit_and_test_decode_through_the_datamodule_hook(tmp_path):
     assert 0 <= out["test/acc"] <= 1
 
 
-def test_bench_pipeline_measures_the_device_decoding(tmp_path):
-    r = bench_pipeline("halonet_tiny", ["data.num_workers=0", "data.gpu_decode=true"], batch_size=8, steps=1,
-                       warmup=1, workers=[0], synthetic={"n": 24, "size": (32, 32), "cache": tmp_path})
-    assert r["data"] == "imagefolder" and r["loader"]["0"]["img_s"] > 0 and r["train_img_s"] > 0
+def test_prepared_gpu_pipeline_script_runs_both_decoders_on_cpu(tmp_path):
+    """bench/gpu_pipeline.py (the GPU measurement, prepared) on CPU: a row per decoder, each measured."""
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_pipeline.py"
+    spec = importlib.util.spec_from_file_location("gpu_pipeline", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "r.json"
+    assert script.main(["--device", "cpu", "--models", "halonet_tiny", "--batch-size", "8", "--img-size", "32",
+                        "--images", "24", "--size", "32x32", "--steps", "1", "--workers", "0",
+                        "--cache", str(tmp_path), "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["gpu_decode"] for r in runs] == [False, True]
+    assert all(r["data"] == "imagefolder" and r["loader"]["0"]["img_s"] > 0 and r["train_img_s"] > 0 for r in runs)

@@ -46,6 +46,7 @@ def register_model_configs(config_dir: str | Path = CONFIG_DIR) -> list[str]:
     from .sweep import register_sweep_resolver
 
     register_sweep_resolver()  # configs/train.yaml's hydra.sweep.subdir, resolved before any job runs
+    register_train_default_resolver()  # configs/optim/adamw.yaml: the model's own training defaults
     files = set(model_files(config_dir))
     store = ConfigStore.instance()
     names = [n for n in list_models() if n not in files]
@@ -53,6 +54,29 @@ def register_model_configs(config_dir: str | Path = CONFIG_DIR) -> list[str]:
         store.store(group="model", name=name, node=model_node(name),
                     provider="zoo.registry")
     return names
+
+
+def train_default(model: str, key: str, fallback, optimizer: str | None = None):
+    """``${zoo_train_default:MODEL,KEY,FALLBACK[,OPTIMIZER]}``: the optim ``KEY`` of MODEL's training defaults
+    (its spec's ``train_defaults`` over its task's, :meth:`zoo.tasks.base.ZooTask.defaults_for`), else FALLBACK.
+    A value set on the command line or in a recipe replaces the interpolation, so it wins; with OPTIMIZER other
+    than the model's, its lr / weight decay / betas are left out."""
+    from .errors import ZooError
+    from .registry import get_spec
+    from .tasks import TASKS
+
+    try:
+        spec = get_spec(str(model))
+    except ZooError:  # an unknown name is reported by the config check, with its close matches
+        return fallback
+    return TASKS[spec.task].defaults_for(spec, optimizer).get(key, fallback)
+
+
+def register_train_default_resolver() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("zoo_train_default"):
+        OmegaConf.register_new_resolver("zoo_train_default", train_default)
 
 
 def check_model_overrides(args: Iterable[str], config_dir: str | Path = CONFIG_DIR) -> None:

@@ -283,4 +283,5 @@ def model_info(name: str) -> dict[str, Any]:
         "ref_gflops": ref.gflops,
         "ref_metrics": [m.describe() for m in ref.metrics],
         "ref_note": ref.note,
+        "train_defaults": spec.train_defaults.describe() if spec.train_defaults else None,
     }

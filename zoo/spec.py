@@ -89,6 +89,40 @@ class Reference:
         return "; ".join(parts) or "-"
 
 
+OPTIM_KEYS = ("name", "lr", "weight_decay", "betas", "scheduler", "warmup_epochs", "min_lr_ratio", "label_smoothing")
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    """A model's own training recipe (its paper's or official code's), for the ``optim`` keys a run leaves unset.
+
+    Precedence of every ``optim`` key: the command line > the experiment recipe > these > the task's defaults
+    > ``configs/optim/adamw.yaml`` (``optim=sgd`` picks SGD's own file and leaves these out). ``epochs`` is the
+    paper's run length, shown at the start of a run; the run's own length stays ``trainer.max_epochs``.
+    """
+
+    name: str | None = None  # optimizer: adamw, adam, sgd, radam, lookahead_radam
+    lr: float | None = None
+    weight_decay: float | None = None
+    betas: tuple[float, float] | None = None
+    scheduler: str | None = None  # "cosine" (per step, after warmup) or "none"
+    warmup_epochs: float | None = None
+    min_lr_ratio: float | None = None
+    label_smoothing: float | None = None
+    epochs: int | None = None
+    source: str = ""  # where the numbers come from
+
+    def optim(self) -> dict[str, Any]:
+        """The ``optim`` keys these defaults set (tuples as lists, as a config holds them)."""
+        values = {k: getattr(self, k) for k in OPTIM_KEYS}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if v is not None}
+
+    def describe(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.optim().items()]
+        parts += [f"{self.epochs} epochs"] if self.epochs else []
+        return ", ".join(parts) + (f" ({self.source})" if self.source else "")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What the zoo knows about a registered model, before building it."""
@@ -116,6 +150,7 @@ class ModelSpec:
     first_conv: str = ""  # timm's pretrained_cfg names (the modules exist on the built net)
     classifier: str | tuple[str, ...] = "head"
     checkpoint_filter: Callable[[dict, nn.Module], dict] | None = None  # official keys -> zoo keys
+    train_defaults: TrainDefaults | None = None  # the paper's optimizer settings (see TrainDefaults)
 
     # ------------------------------------------------------------------ input sizes
     def valid_sizes(self, around: int | None = None, count: int = 3) -> list[int]:

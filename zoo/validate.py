@@ -240,14 +240,14 @@ def check_run_config(cfg: dict[str, Any], *, training: bool = True) -> None:
     check_ranges("trainer", trainer)
 
     if training and cfg.get("optim") is not None:
-        from .tasks.base import DEFAULT_OPTIM
+        from .tasks.base import DEFAULT_OPTIM, OPTIMIZERS
 
         for key, value in dict(cfg["optim"]).items():
             if key not in DEFAULT_OPTIM and key != "nesterov":
                 raise _unknown("optim", key, [*DEFAULT_OPTIM, "nesterov"])
             default = DEFAULT_OPTIM.get(key)
             if key == "name":
-                check_choice("optim", "name", str(value).lower(), ("adamw", "sgd"))
+                check_choice("optim", "name", str(value).lower(), OPTIMIZERS)
             elif key == "lr_base_batch" and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"optim.lr_base_batch={value!r} has the wrong type; it takes null or an int "
                                   "(the batch optim.lr is given for)")

@@ -3,7 +3,9 @@ top-k selection that builds such masks. Written for Sparsifiner (``zoo.models.sp
 queries each keep their own K keys can use them.
 
 - :func:`csr_attention`: SDDMM + softmax + SpMM over one block-diagonal CSR pattern (inference; no autograd).
-- :func:`gather_attention`: each query gathers its K keys and values (differentiable; training).
+- :func:`gather_attention`: each query gathers its K keys and values (differentiable).
+- :func:`sdpa_masked_attention`: the mask as a float bias to ``F.scaled_dot_product_attention`` (dense work in a
+  fused kernel with a backward; training).
 - :func:`masked_dense_attention`: dense scores, masked, softmax: the reference the others are tested against.
 - :func:`spmm`: CSR x dense through ``F.embedding_bag`` (FBGEMM on CPU).
 - :func:`topk_nonneg`, :func:`topk_indices_nonneg`: faster exact top-k for non-negative float scores.
@@ -127,6 +129,16 @@ def topk_indices_nonneg(x: torch.Tensor, k: int) -> torch.Tensor:
 
     list(_select_pool(workers).map(select, bounds[:-1], bounds[1:]))
     return torch.from_numpy(out).view(*x.shape[:-1], k)
+
+
+def sdpa_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """:func:`masked_dense_attention` through ``F.scaled_dot_product_attention``: the connectivity becomes an
+    additive float mask (0 on the kept keys, -inf elsewhere; it needs no gradient, so torch's fused CPU kernel
+    runs forward AND backward). Dense work (``M n d``), but no score tensor is kept for the backward. A float
+    mask, not a boolean one: on CPU the fused kernel converts a boolean mask first (measured slower)."""
+    mask = torch.full((*idx.shape[:-1], k.shape[2]), float("-inf"), dtype=q.dtype, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.scatter_(-1, idx, 0.0), scale=scale)
 
 
 def masked_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,

@@ -22,10 +22,16 @@ Documented choices / deviations:
 - **Speed.** The official op gathers k and v together, splits and rearranges them (three k-fold copies) and
   materialises the attention matrix. Here qkv is laid out by region once, the routed regions' k|v are picked
   with one ``index_select`` (the single k-fold copy the algorithm needs: each region attends to its own set),
-  and attention runs in ``F.scaled_dot_product_attention`` on strided views (no further copies).
+  and attention runs in ``F.scaled_dot_product_attention`` on strided views (no further copies); the output
+  goes back to the image layout inside the ``+ LCE`` add (no separate re-layout copy). Where routing keeps at
+  least a quarter of the regions (``MASKED_FROM``; BiFormer-T/S: stage 3, 16 of 49) the k-fold copy costs
+  more than the scores it saves, and the layer runs as ``"masked"`` instead (below; same maths).
   Side-by-side speed and memory against the official code: ``results/biformer.md``.
 - **attn_impl** (constructor kwarg of :class:`BiFormer` / ``create_model``, not in the state dict):
-  ``"gather"`` (default, above) or ``"flex"``: block-sparse ``torch.compile(flex_attention)``, no k-fold
+  ``"gather"`` (default, above), ``"masked"`` (every BRA layer: per image one dense SDPA call over all tokens,
+  keys outside the query region's routed regions masked by a ``-inf`` float bias, i.e. weight exactly zero;
+  ``n_win**2 / topk`` times the score work, no k-fold copy, and the mask needs no gradient, so torch's fused
+  CPU kernel runs forward and backward) or ``"flex"``: block-sparse ``torch.compile(flex_attention)``, no k-fold
   copy. Per image, all regions' tokens form one sequence, region-major, each region one block of ``tp``
   tokens (``t`` padded to a multiple of 16 on CUDA, the Triton kernel's smallest tile; no padding on CPU);
   ``BlockMask.from_kv_blocks`` lists the routed regions of each query block, and the mask_mod (which eager
@@ -89,7 +95,10 @@ def _valid_tokens(h: int, w: int, hp: int, wp: int, n_win: int, device: torch.de
     return valid.view(n_win, rh, n_win, rw).permute(0, 2, 1, 3).reshape(n_win * n_win, rh * rw)
 
 
-ATTN_IMPLS = ("gather", "flex")
+ATTN_IMPLS = ("gather", "masked", "flex")
+# "gather" runs a layer as "masked" when routing keeps at least this fraction of the regions (BiFormer-T/S: stage 3,
+# 16 of 49): there the k-fold copy of k and v costs more than the dense scores it avoids (results/biformer.md)
+MASKED_FROM = 0.25
 
 
 def _flex_block_multiple(device: torch.device) -> int:
@@ -159,7 +168,7 @@ class BiLevelRoutingAttention(nn.Module):
         # tensor, so backward never zero-fills and slices a 3c-wide gradient
         wq, wk, wv = self.qkv.weight.chunk(3, 0)
         bq, bk, bv = self.qkv.bias.chunk(3, 0)
-        v_img = F.linear(x, wv, bv)
+        q_img, k_img, v_img = F.linear(x, wq, bq), F.linear(x, wk, bk), F.linear(x, wv, bv)
         lepe = self.lepe(v_img.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # LCE on the unpadded v
         ph, pw = (-h) % s, (-w) % s
         hp, wp = h + ph, w + pw
@@ -171,7 +180,7 @@ class BiLevelRoutingAttention(nn.Module):
             t = t.view(n, s, rh, s, rw, c).transpose(2, 3)
             return t.reshape(n * s * s, rh * rw, heads, c // heads)
 
-        q, k, v = regions(F.linear(x, wq, bq)), regions(F.linear(x, wk, bk)), regions(v_img)
+        q, k, v = regions(q_img), regions(k_img), regions(v_img)
         valid = _valid_tokens(h, w, hp, wp, s, x.device) if (ph or pw) else None
         with torch.no_grad():  # diff_routing=False: q and k are detached for routing
             if valid is None:
@@ -187,9 +196,19 @@ class BiLevelRoutingAttention(nn.Module):
             idx = torch.topk(logits, k=self.topk, dim=-1).indices  # routing weights: unused (mul_weight='none')
         return q, k, v, lepe, idx, valid, (hp, wp)
 
+    def execution(self) -> str:
+        """What ``forward`` runs: ``attn_impl``, except that "gather" becomes "masked" where routing keeps at
+        least ``MASKED_FROM`` of the regions."""
+        if self.attn_impl == "gather" and self.topk >= MASKED_FROM * self.n_win ** 2:
+            return "masked"
+        return self.attn_impl
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.attn_impl == "flex":
+        impl = self.execution()
+        if impl == "flex":
             return self._forward_flex(x)
+        if impl == "masked":
+            return self._forward_masked(x)
         n, h, w, c = x.shape
         s, k, heads = self.n_win, self.topk, self.num_heads
         q, kk, v, lepe, idx, valid, (hp, wp) = self._project(x)
@@ -203,17 +222,49 @@ class BiLevelRoutingAttention(nn.Module):
         if valid is not None:  # padded keys take no part in attention
             mask = valid[idx].view(n * s * s, 1, 1, k * t)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), ks, vs, attn_mask=mask, scale=self.scale)
-        # (n*S2, heads, t, hd) -> (n, hp, wp, c)
-        out = out.view(n, s, s, heads, hp // s, wp // s, c // heads).permute(0, 1, 4, 2, 5, 3, 6)
-        out = out.reshape(n, hp, wp, c)[:, :h, :w]
-        return self.proj(out + lepe)
+        # (n*S2, heads, t, hd) -> (n, s, rh, s, rw, heads, hd): a view; the image layout is made by the add
+        return self._out(out.view(n, s, s, heads, hp // s, wp // s, c // heads).permute(0, 1, 4, 2, 5, 3, 6), lepe)
+
+    def _out(self, out: torch.Tensor, lepe: torch.Tensor) -> torch.Tensor:
+        """``proj(out + lepe)`` for the attention output in region layout ``(n, s, rh, s, rw, heads, hd)`` (a
+        strided view) and ``lepe`` (NHWC, unpadded). Without padding the add itself writes the image layout
+        (it follows ``lepe``'s strides, the first operand): no separate re-layout copy."""
+        n, s, rh, _, rw, heads, hd = out.shape
+        h, w, c = lepe.shape[1:]
+        if (s * rh, s * rw) == (h, w):
+            return self.proj((lepe.view(n, s, rh, s, rw, heads, hd) + out).view(n, h, w, c))
+        return self.proj(out.reshape(n, s * rh, s * rw, c)[:, :h, :w] + lepe)
+
+    def _forward_masked(self, x: torch.Tensor) -> torch.Tensor:
+        """Same maths as :meth:`forward`, dense: per image, every query against every key in one
+        ``F.scaled_dot_product_attention`` call, keys outside the query region's routed regions (and padded
+        keys) masked by a float ``-inf`` bias (exactly zero weight, as if absent). ``S2 / topk`` times the score
+        work of the gather, but no k-fold copy of k and v, and the mask needs no gradient (CPU: fused forward and
+        backward)."""
+        n, h, w, c = x.shape
+        s, heads = self.n_win, self.num_heads
+        q, kk, v, lepe, idx, valid, (hp, wp) = self._project(x)
+        t, s2 = q.shape[1], s * s
+        routed = torch.zeros(n, s2, s2, dtype=torch.bool, device=x.device).scatter_(2, idx, True)
+        keep = routed[:, :, None, :, None].expand(n, s2, t, s2, t)  # [image, q region, q token, k region, k token]
+        if valid is not None:
+            keep = keep & valid.view(1, 1, 1, s2, t)
+        bias = torch.zeros(keep.shape, dtype=q.dtype, device=x.device).masked_fill_(~keep, float("-inf"))
+
+        def img(z: torch.Tensor) -> torch.Tensor:  # (n*S2, t, heads, hd) -> (n, heads, S2*t, hd): a view
+            return z.view(n, s2 * t, heads, c // heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(img(q), img(kk), img(v), attn_mask=bias.view(n, 1, s2 * t, s2 * t),
+                                             scale=self.scale)
+        # (n, heads, S2*t, hd) -> (n, s, rh, s, rw, heads, hd): a view
+        return self._out(out.view(n, heads, s, s, hp // s, wp // s, c // heads).permute(0, 2, 4, 3, 5, 1, 6), lepe)
 
     def _forward_flex(self, x: torch.Tensor) -> torch.Tensor:
         """Same maths as :meth:`forward`, block-sparse: one FlexAttention call per image over all its regions'
         tokens (region-major, each region padded to ``tp`` tokens), one block per region, the block mask
         listing the routed regions. No k-fold copy of k and v is made."""
         n, h, w, c = x.shape
-        s, k, heads = self.n_win, self.topk, self.num_heads
+        s, heads = self.n_win, self.num_heads
         q, kk, v, lepe, idx, valid, (hp, wp) = self._project(x)
         t, s2 = q.shape[1], s * s
         tp = -(-t // _flex_block_multiple(x.device)) * _flex_block_multiple(x.device)

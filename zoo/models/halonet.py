@@ -12,6 +12,11 @@ Documented choices (timm's, kept for weight compatibility):
 
 Every halo layer needs its input map divisible by its block size; the spec's ``size_divisor`` is the
 resulting rule on the image (256 for b=8 with halo attention in stage 4), checked before the forward.
+
+``attn_impl`` (every builder): how the halo layers execute, ``"timm"`` (timm's forward) or ``"sdpa"``
+(``scaled_dot_product_attention`` with timm's relative-position logits as a float bias); same parameters,
+same state dict, same outputs (see ``zoo.layers.halo_attention``). The default, ``"sdpa"``, is the one
+measured faster on CPU, in inference and training (``results/halonet.md``).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from timm.models.byobnet import ByobNet, ByoBlockCfg, ByoModelCfg
 from torch import nn
 
 from ..contract import Capabilities, ZooModel
+from ..layers.halo_attention import set_halo_attn_impl
 from ..registry import register_model
 from ..spec import Metric, Reference, Weights
 
@@ -105,10 +111,13 @@ class ZooByobNet(ZooModel, HaloAttentionMaps, ByobNet):
         return set()
 
 
-def _timm_halonet(variant: str, pretrained: bool, **kwargs) -> nn.Module:
+ATTN_IMPL = "sdpa"  # the default execution of the halo layers: measured faster on CPU (results/halonet.md)
+
+
+def _timm_halonet(variant: str, pretrained: bool, attn_impl: str = ATTN_IMPL, **kwargs) -> nn.Module:
     model = timm.create_model(variant, pretrained=pretrained, **kwargs)
     model.__class__ = ZooByobNet  # same modules and keys; adds attention_maps
-    return model
+    return set_halo_attn_impl(model, attn_impl)
 
 
 _SPEC = dict(task="classification", paper=PAPER, paper_ids=("arXiv:2103.12731",), classifier="head.fc")
@@ -158,5 +167,5 @@ def halonet_h1(pretrained: bool = False, **kwargs) -> nn.Module:
 
 @register_model(input_size=(3, 32, 32), size_divisor=32, first_conv="stem.conv", source="zoo (timm ByobNet, 3 stages, b=4 h=1)",
                 weights=Weights(note="CPU variant: train it (python train.py)"), **_INCEPTION, **_SPEC)
-def halonet_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
-    return ZooByobNet(cfg=TINY_CFG, **kwargs)
+def halonet_tiny(pretrained: bool = False, attn_impl: str = ATTN_IMPL, **kwargs) -> nn.Module:
+    return set_halo_attn_impl(ZooByobNet(cfg=TINY_CFG, **kwargs), attn_impl)

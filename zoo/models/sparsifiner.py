@@ -21,13 +21,16 @@ is not thresholded and the coefficients not top-k'd; everywhere else (phase two 
 mask is computed as at inference, like the code.
 
 Documented choices and deviations:
-- REAL sparse execution (the code computes dense attention and masks it): the work of QK^T and AV
-  shrinks to K / N. ``execution="csr"``: sparse kernels, SDDMM (``torch.sparse.sampled_addmm``) for the
-  kept scores + CSR x dense SpMM for AV, the SpMM run by ``F.embedding_bag`` (FBGEMM; faster than torch's
+- REAL sparse execution at inference (the code computes dense attention and masks it): the work of QK^T
+  and AV shrinks to K / N. ``execution="csr"``: sparse kernels, SDDMM (``torch.sparse.sampled_addmm``) for
+  the kept scores + CSR x dense SpMM for AV, the SpMM run by ``F.embedding_bag`` (FBGEMM; faster than torch's
   CSR matmul on CPU, see ``results/sparsifiner.md``) (no autograd; the inference path; the class row rides
-  in the same pattern as a dense row); ``"gather"``: each non-class query gathers its K keys and values
-  (differentiable; the training path); ``"auto"`` (default) picks csr when grad is off, else gather; ``"masked"`` is the code's
-  dense-then-mask path, kept for checks. All give the same output (tests: within 1e-5). The predictor's
+  in the same pattern as a dense row); ``"sdpa"``: the mask as a float bias to torch's fused
+  ``scaled_dot_product_attention`` (dense work, differentiable; the training path); ``"gather"``: each
+  non-class query gathers its K keys and values (differentiable, sparse work, but slow on CPU);
+  ``"auto"`` (default) picks csr when grad is off, else sdpa (the fastest measured on CPU in each mode:
+  ``results/sparsifiner.md``); ``"masked"`` is the code's dense-then-mask path, kept for checks. All give
+  the same output (tests: within 1e-5). The predictor's
   top-8 coefficients x basis product is the same SpMM (t * N multiply-adds per query; no gradient needed,
   the mask is detached). The bench's ``gflops`` column counts these kernels as executed and equals the
   analytic ``total_gmacs_analytic`` (tested).
@@ -94,13 +97,14 @@ from torch.utils.checkpoint import checkpoint
 from ..contract import Capabilities, ZooModel
 from ..errors import UnsupportedError
 from ..layers.pos_embed import check_patch_grid, check_pos_embed_init, init_sincos_pos_embed_
-from ..layers.sparse_attention import (csr_attention, gather_attention, masked_dense_attention, spmm,
-                                      topk_indices_nonneg, topk_nonneg)
+from ..layers.sparse_attention import (csr_attention, gather_attention, masked_dense_attention,
+                                      sdpa_masked_attention, spmm, topk_indices_nonneg, topk_nonneg)
 from ..registry import register_model
-from ..spec import Metric, Reference, Weights
+from ..spec import Reference, Weights
 
 PAPER = "Wei et al., Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision Transformers, CVPR 2023"
 PHASES = ("predictor", "backbone")
+EXECUTIONS = ("auto", "csr", "sdpa", "gather", "masked")  # how the sparse attention runs (module docstring)
 
 
 # ---------------------------------------------------------------------------------------- predictor
@@ -191,10 +195,14 @@ class SparsifinerAttention(Attention):
                  proj_drop: float = 0.0, *, num_tokens: int, attn_keep_rate: float = 0.25,
                  execution: str = "auto", **predictor_kwargs: Any):
         super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
-        if execution not in ("auto", "gather", "csr", "masked"):
-            raise ValueError(f"execution must be 'auto', 'gather', 'csr' or 'masked', got {execution!r}")
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         self.num_tokens, self.attn_keep_rate, self.execution = num_tokens, attn_keep_rate, execution
         self.mask_predictor = MaskPredictor(dim=dim, num_heads=num_heads, num_tokens=num_tokens, **predictor_kwargs)
+
+    def resolved_execution(self, grad: bool) -> str:
+        """The sparse kernel this layer runs with autograd on (``grad``) or off: ``execution``, or auto's pick."""
+        return ("sdpa" if grad else "csr") if self.execution == "auto" else self.execution
 
     def budget(self, n: int, pruned: bool) -> int:
         b = math.ceil(self.attn_keep_rate * self.num_tokens)
@@ -225,13 +233,13 @@ class SparsifinerAttention(Attention):
             if ctx.record_idx:
                 ctx.idx.append(idx)
                 ctx.keeps.append(ctx.keep)
-            name = ("csr" if not torch.is_grad_enabled() else "gather") if self.execution == "auto" else self.execution
+            name = self.resolved_execution(torch.is_grad_enabled())
             if name == "csr":  # inference: one sparse pattern, class row included
                 o, ctx.cls_attn = csr_attention(q, k, v, idx, self.scale)
             else:
                 a0 = ((q[:, :, :1] @ k.transpose(-2, -1)) * self.scale).softmax(-1)  # class row: dense
                 ctx.cls_attn = a0[:, :, 0]
-                kernel = {"gather": gather_attention, "masked": masked_dense_attention}[name]
+                kernel = {"gather": gather_attention, "masked": masked_dense_attention, "sdpa": sdpa_masked_attention}[name]
                 o = torch.cat([a0 @ v, kernel(q[:, :, 1:], k, v, idx, self.scale)], dim=2)
         x = o.transpose(1, 2).reshape(B, n, C)
         return self.proj_drop(self.proj(x))

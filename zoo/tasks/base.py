@@ -30,6 +30,9 @@ DEFAULT_OPTIM = dict(
     mixup_alpha=0.0, cutmix_alpha=0.0, mixup_prob=1.0, mixup_switch_prob=0.5,  # classification only (timm Mixup)
     accumulate=1, lr_base_batch=None,  # gradient accumulation; DeiT's lr x effective batch / lr_base_batch
 )
+# adamw and sgd are built here; the others are timm's (create_optimizer_v2) for the recipes that name them
+OPTIMIZERS = ("adamw", "sgd", "adam", "radam", "lookahead_radam")
+OPTIMIZER_TIED = ("lr", "weight_decay", "betas")  # a model's values of these hold for its own optimizer only
 
 
 def build_net(model: dict, num_classes: int) -> nn.Module:
@@ -70,6 +73,18 @@ class ZooTask(L.LightningModule):
     task = ""
     monitor = "val/loss"
     monitor_mode = "min"
+    # the task's optim defaults, under a model spec's train_defaults (precedence: TrainDefaults's docstring)
+    train_defaults: dict[str, Any] = {}
+
+    @classmethod
+    def defaults_for(cls, spec: Any, optimizer: str | None = None) -> dict[str, Any]:
+        """The optim values a run of ``spec``'s model falls back to: the task's, then the model's own. With
+        ``optimizer`` other than theirs, their lr, weight decay and betas (tuned for their optimizer) are left out."""
+        own = spec.train_defaults.optim() if spec is not None and spec.train_defaults is not None else {}
+        out = {**cls.train_defaults, **own}
+        if optimizer is not None and str(optimizer).lower() != str(out.get("name", optimizer)).lower():
+            out = {k: v for k, v in out.items() if k not in OPTIMIZER_TIED and k != "name"}
+        return out
 
     def __init__(
         self,
@@ -83,8 +98,9 @@ class ZooTask(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
-        self.optim = {**DEFAULT_OPTIM, **(optim or {})}
         self.net = net if net is not None else build_net(model, num_classes)
+        self.spec_defaults = self.defaults_for(_spec_of(self.net, model), (optim or {}).get("name"))
+        self.optim = {**DEFAULT_OPTIM, **self.spec_defaults, **(optim or {})}  # given > model's > task's > global
         if freeze_backbone:
             freeze_backbone_of(self.net, self.task)
         self.num_classes = num_classes
@@ -254,8 +270,13 @@ class ZooTask(L.LightningModule):
         elif name == "sgd":
             opt = torch.optim.SGD(groups, lr=lr, momentum=o["momentum"], nesterov=bool(o.get("nesterov", True)),
                                   foreach=True)
+        elif name in OPTIMIZERS:  # Adam (L2 weight decay), RAdam, Lookahead(RAdam): timm's factory
+            from timm.optim import create_optimizer_v2
+
+            opt = create_optimizer_v2(groups, opt=name, lr=lr, betas=tuple(o["betas"]))
         else:
-            raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {o['name']!r}")
+            raise ValueError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {o['name']!r}")
+        self._log_optim_plan()
         if o.get("scheduler", "cosine") in (None, "none"):
             return opt
         # optimizer steps (Lightning divides by accumulate_grad_batches), and the scheduler steps with the optimizer
@@ -268,6 +289,20 @@ class ZooTask(L.LightningModule):
         decay (a task with parameters of its own, e.g. Re-ID's BNNeck and identity classifier, adds them)."""
         no_decay = no_weight_decay(self.net, self.task)
         return param_groups_weight_decay(self.net, weight_decay, no_weight_decay_list=no_decay)
+
+    def _log_optim_plan(self) -> None:
+        """One line at start: the optimizer settings and which of them are the model's own defaults."""
+        if self._trainer is not None and not self._trainer.is_global_zero:
+            return
+        o, keys = self.optim, ("name", "lr", "weight_decay", "betas", "scheduler", "warmup_epochs", "min_lr_ratio",
+                               "label_smoothing")
+        own = [k for k in keys if k in self.spec_defaults and _same(o.get(k), self.spec_defaults[k])]
+        spec = getattr(self.net, "zoo_spec", None)
+        name = spec.name if spec is not None else self.hparams["model"].get("name")
+        paper = spec.train_defaults if spec is not None and spec.train_defaults is not None else None
+        log.info("optim: %s%s%s", ", ".join(f"{k}={_short(o.get(k))}" for k in keys),
+                 f"; {', '.join(own)} from {name}'s training defaults (command line > recipe > model > optim/*.yaml)"
+                 if own else "", f"; the paper trains {paper.epochs} epochs" if paper and paper.epochs else "")
 
     def _scaled_lr(self) -> float:
         """``optim.lr``, scaled by the effective batch when ``optim.lr_base_batch`` is set; logged once."""
@@ -282,3 +317,31 @@ class ZooTask(L.LightningModule):
         if not batch:
             raise ValueError("optim.lr_base_batch needs the datamodule's batch_size (fit with datamodule=...)")
         return scaled_lr(o["lr"], effective_batch(batch, world, accumulate), o["lr_base_batch"])
+
+
+def _spec_of(net: nn.Module, model: dict) -> Any:
+    """The spec of the task's net: the one ``create_model`` attached, else the registry's for ``model['name']``
+    (None for a net from outside the registry)."""
+    spec = getattr(net, "zoo_spec", None)
+    if spec is not None:
+        return spec
+    from ..errors import UnknownModelError
+    from ..registry import get_spec
+
+    try:
+        return get_spec(str(model.get("name")))
+    except UnknownModelError:
+        return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def _short(v: Any) -> str:
+    return f"({', '.join(_short(x) for x in v)})" if isinstance(v, (list, tuple)) else f"{v:g}" if isinstance(
+        v, float) else str(v)

@@ -19,6 +19,10 @@ class MILTask(ZooTask):
     task = "mil"
     monitor = "val/auroc"
     monitor_mode = "max"
+    # for a MIL model without its own train_defaults: the WSI-MIL recipe of CLAM and TransMIL (Adam-type,
+    # lr 2e-4, weight decay 1e-5, constant lr), no label smoothing; never the image-classification optim/adamw.yaml
+    train_defaults = dict(name="adam", lr=2e-4, weight_decay=1e-5, betas=[0.9, 0.999], scheduler="none",
+                          warmup_epochs=0.0, min_lr_ratio=0.0, label_smoothing=0.0)
 
     def make_metrics(self) -> MetricCollection:
         c = self.hparams.num_classes
