@@ -10,7 +10,7 @@
   python -m zoo predict --ckpt outputs/.../best.ckpt photos/ list.csv --out preds/ [--top-k 3] [--explain]
   python -m zoo save outputs/.../checkpoints/best.ckpt --out my-net/ [--overwrite]   # a Hub folder
   python -m zoo push outputs/.../checkpoints/best.ckpt --repo ORG/NAME [--private] [--dry-run DIR]
-  python -m zoo results multirun/train/DATE [--metric test/acc] [--x optim.lr] [--out DIR]   # a sweep's table + plot
+  python -m zoo results multirun/train/DATE [--metric test/acc] [--x optim.lr] [--out DIR] [--metrics A,B]  # a sweep's table + plot (+ mean ± std over seeds)
   python -m zoo prepare chaos CHAOS_Train_Sets/ --out data/chaos [--sequences T1DUAL_in] [--overwrite]   # DICOM -> slices
 
 Errors the zoo raises on purpose (``zoo.ZooError``) print as one red line and exit with code 2.
@@ -457,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", default=None, help="the metric to plot and print (default: test/acc, test/miou or test/auroc)")
     s.add_argument("--x", default=None, help="the swept numeric key on the plot's x-axis (default: the first one, not seed)")
     s.add_argument("--out", default=None, help="where to write the files (default: DIR)")
+    s.add_argument("--metrics", default=None, help="comma-separated metrics of the mean ± std summary over seeds "
+                   "(default: all), e.g. test/auroc,test/acc,test/balanced_acc,test/f1")
     s.set_defaults(func=cmd_results)
 
     s = sub.add_parser("prepare", help="a dataset's published release -> the layout its data= config reads (CHAOS MR DICOM)")
@@ -490,7 +492,10 @@ def cmd_results(args: argparse.Namespace) -> int:
 
     from .results import results, table
 
-    r = results(args.dir, metric=args.metric, x=args.x, out=args.out)
+    from .results import summary_table
+
+    metrics = [m for m in (args.metrics or "").split(",") if m] or None
+    r = results(args.dir, metric=args.metric, x=args.x, out=args.out, metrics=metrics)
     header, rows = table(r["runs"], Path(args.dir), [args.metric] if args.metric else None)
     t = Table(title=f"{len(rows)} run(s) under {args.dir}")
     for h in header:
@@ -499,6 +504,14 @@ def cmd_results(args: argparse.Namespace) -> int:
         t.add_row(*row, style=None if row[-1] == "done" else "yellow")
     console = _console()
     console.print(t)
+    if len(r["summary"][2]) < len(r["runs"]):  # seeds repeat: their mean ± std per group
+        head, cells = summary_table(*r["summary"])
+        t = Table(title="mean ± sample std over seeds")
+        for h in head:
+            t.add_column(h, justify="right" if h.startswith(("test/", "val/", "n")) else "left")
+        for row in cells:
+            t.add_row(*row)
+        console.print(t)
     console.print(f"wrote {', '.join(str(p) for p in r['files'])}", soft_wrap=True, highlight=False)
     return 0
 

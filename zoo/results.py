@@ -5,7 +5,10 @@ before that); its metrics are its ``metrics.json``. The columns are the config k
 between runs (flattened, dotted) and the metrics. A run without ``metrics.json`` stays in the table with
 its status (running: a live process holds its folder lock; else crashed or unfinished).
 Writes ``results.md``, ``results.csv`` and ``results.png`` (the metric against a swept number, one line
-per seed and per value of the other swept keys).
+per seed and per value of the other swept keys). Runs that differ only by seed are one group: ``summary.md`` /
+``summary.csv`` hold each group's mean +- sample standard deviation over its seeds. The groups are the swept
+command-line overrides other than the seed (``experiment=...`` in a sweep of recipes x seeds), read from each
+run's ``.hydra/overrides.yaml``; runs without them are grouped by their differing config keys.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ class Run:
     config: dict[str, Any]
     metrics: dict[str, float] = field(default_factory=dict)
     status: str = "done"
+    overrides: dict[str, str] | None = None  # the run's command-line overrides (Hydra's overrides.yaml)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -59,6 +63,15 @@ def _read_yaml(path: Path) -> dict:
         return {}
 
 
+def _read_overrides(path: Path) -> dict[str, str] | None:
+    """``["experiment=a", "+x.y=1"]`` -> ``{"experiment": "a", "x.y": "1"}``; None without the file."""
+    if not path.is_file():
+        return None
+    items = _read_yaml(path)
+    items = items if isinstance(items, list) else []
+    return dict((k.lstrip("+~"), v) for k, _, v in (str(i).partition("=") for i in items))
+
+
 def _status(run_dir: Path) -> str:
     try:
         check_run_dir_free(run_dir)
@@ -77,7 +90,7 @@ def collect(root: str | Path) -> list[Run]:
     runs = []
     for d in sorted(dirs, key=_natural):
         cfg = d / "config.yaml" if (d / "config.yaml").is_file() else d / ".hydra" / "config.yaml"
-        run = Run(d, flatten(_read_yaml(cfg)))
+        run = Run(d, flatten(_read_yaml(cfg)), overrides=_read_overrides(d / ".hydra" / "overrides.yaml"))
         try:
             run.metrics = {k: (math.nan if v is None else float(v)) for k, v in json.loads((d / "metrics.json").read_text()).items()}
         except FileNotFoundError:
@@ -192,10 +205,70 @@ def plot(runs: list[Run], x: str, metric: str, keys: list[str], out: Path) -> Pa
     return save(fig, out)
 
 
-def results(root: str | Path, metric: str | None = None, x: str | None = None, out: str | Path | None = None) -> dict:
-    """Collect, write ``results.md`` / ``results.csv`` / ``results.png`` into ``out`` (default ``root``)."""
+def _is_seed(key: str) -> bool:
+    return key.split(".")[-1] == "seed"
+
+
+def group_keys(runs: list[Run]) -> list[str]:
+    """What tells the groups of seeds apart: the swept command-line overrides but the seed (Hydra's
+    overrides.yaml), or, for runs without them, the swept config keys but the seed."""
+    if all(r.overrides is not None for r in runs):
+        keys = sorted({k for r in runs for k in r.overrides})
+        return [k for k in keys if not _is_seed(k) and len({r.overrides.get(k) for r in runs}) > 1]
+    return [k for k in swept_keys(runs) if not _is_seed(k)]
+
+
+def _group_value(run: Run, key: str) -> str:
+    if run.overrides is not None and key in run.overrides:
+        return run.overrides[key]
+    return _cell(run.config.get(key))
+
+
+def summary(runs: list[Run], metrics: list[str] | None = None) -> tuple[list[str], list[str], list[tuple]]:
+    """The groups of runs that differ only by seed (first-seen order): ``(keys, metric names, rows)``, a row being
+    ``(key values, runs with metrics, runs, {metric: (mean, sample std or None)})``."""
+    keys = group_keys(runs)
+    names = metrics or sorted({k for r in runs for k in r.metrics})
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(tuple(_group_value(r, k) for k in keys), []).append(r)
+    rows = []
+    for values, members in groups.items():
+        done = [r for r in members if r.metrics]
+        stats = {}
+        for m in names:
+            xs = [r.metrics[m] for r in done if m in r.metrics and not math.isnan(r.metrics[m])]
+            if xs:
+                mean = sum(xs) / len(xs)
+                stats[m] = (mean, math.sqrt(sum((v - mean) ** 2 for v in xs) / (len(xs) - 1)) if len(xs) > 1 else None)
+        rows.append((values, len(done), len(members), stats))
+    return keys, names, rows
+
+
+def summary_table(keys: list[str], names: list[str], rows: list[tuple], csv_form: bool = False):
+    """Header and cells: ``mean ± std`` per metric (Markdown), or a mean and a ``_std`` column each (CSV)."""
+    def cells(stats):
+        if csv_form:
+            return [c for m in names for c in ((f"{stats[m][0]:.6g}", "" if stats[m][1] is None else f"{stats[m][1]:.6g}")
+                                              if m in stats else ("", ""))]
+        return [(f"{stats[m][0]:.4f}" + ("" if stats[m][1] is None else f" ± {stats[m][1]:.4f}")) if m in stats else ""
+                for m in names]
+
+    head = [*(keys or ["runs"]), "n", *([c for m in names for c in (m, f"{m}_std")] if csv_form else names)]
+    return head, [[*(values if keys else ("all",)), f"{done}/{total}", *cells(stats)] for values, done, total, stats in rows]
+
+
+def results(root: str | Path, metric: str | None = None, x: str | None = None, out: str | Path | None = None,
+            metrics: list[str] | None = None) -> dict:
+    """Collect, write ``results.md`` / ``results.csv`` / ``results.png`` into ``out`` (default ``root``), and
+    ``summary.md`` / ``summary.csv`` (mean ± std over seeds of ``metrics``, default all) when seeds repeat."""
     root = Path(root)
     runs = collect(root)
+    if metrics:
+        known = sorted({k for r in runs for k in r.metrics})
+        unknown = [m for m in metrics if m not in known]
+        if unknown:
+            raise ZooError(f"--metrics {','.join(unknown)}: no run has it; the runs' metrics: {', '.join(known) or 'none'}")
     metric = pick_metric(runs, metric)
     keys = swept_keys(runs)
     x = pick_x(runs, keys, x)
@@ -203,14 +276,22 @@ def results(root: str | Path, metric: str | None = None, x: str | None = None, o
     header, rows = table(runs, root)
     written = [out / "results.csv", out / "results.md"]
 
-    def write_csv(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
-            csv.writer(f).writerows([header, *rows])
+    def write_csv(path: Path, head: list[str], body: list[list[str]]) -> None:
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="") as f:
+                csv.writer(f).writerows([head, *body])
 
-    atomic_write(written[0], write_csv, what="results.csv")
+        atomic_write(path, write, what=path.name)
+
+    write_csv(written[0], header, rows)
     atomic_write(written[1], lambda tmp: tmp.write_text(markdown(header, rows)), what="results.md")
+    groups = summary(runs, metrics)
+    if len(groups[2]) < len(runs):  # some group holds several seeds
+        write_csv(out / "summary.csv", *summary_table(*groups, csv_form=True))
+        atomic_write(out / "summary.md", lambda tmp: tmp.write_text(markdown(*summary_table(*groups))), what="summary.md")
+        written += [out / "summary.csv", out / "summary.md"]
     if x is not None and metric and any(metric in r.metrics for r in runs):
         written.append(plot(runs, x, metric, keys, out / "results.png"))
     else:
         log.info("no plot: %s", "no swept numeric key" if x is None else f"no run has {metric}")
-    return {"runs": runs, "keys": keys, "metric": metric, "x": x, "files": written}
+    return {"runs": runs, "keys": keys, "metric": metric, "x": x, "files": written, "summary": groups}

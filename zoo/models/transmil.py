@@ -18,7 +18,11 @@ Choices and deviations (documented):
   not be masked out; the loop makes a padded batch equal its bags one at a time, as the official code runs them;
 - ``attention_weights``: the class token's row of the last layer's (Nystrom-approximated) attention over the
   bag's instances, averaged over heads (torchmil's choice; the official code returns no attention);
-- ``dim`` (default 512, the official size) must be divisible by the 8 heads; ``num_landmarks = dim // 2``;
+- ``dim`` (default 512, the official size) must be divisible by the 8 heads; ``num_landmarks`` defaults to the
+  official ``dim // 2``. The Nystrom attention pads the sequence (at the front, with zero tokens it does not mask,
+  as the official code calls it) to a multiple of the landmark count: a bag of 10 instances runs as 256 tokens at
+  the official width, 239 of them zeros that take attention mass and most of the time, so small bags want
+  fewer landmarks (the digit-bags recipe uses 8);
 - torchmil's ``TransMIL`` is binary (one logit, BCE), takes no padding mask, has 4 heads, no value-residual
   convolution and no attention dropout: the zoo builds on the package the official code uses instead;
 - image bags ``[B, N, C, H, W]`` go through Ilse et al.'s LeNet encoder (500-d) before ``_fc1``;
@@ -46,10 +50,10 @@ PAPER = ("Shao et al., TransMIL: Transformer based Correlated Multiple Instance 
 class TransLayer(nn.Module):
     """``x + NystromAttention(LayerNorm(x))`` with the official settings."""
 
-    def __init__(self, dim: int = 512, heads: int = 8, dropout: float = 0.1):
+    def __init__(self, dim: int = 512, heads: int = 8, dropout: float = 0.1, num_landmarks: int | None = None):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.attn = NystromAttention(dim=dim, dim_head=dim // heads, heads=heads, num_landmarks=dim // 2,
+        self.attn = NystromAttention(dim=dim, dim_head=dim // heads, heads=heads, num_landmarks=num_landmarks or dim // 2,
                                      pinv_iterations=6, residual=True, dropout=dropout)
 
     def forward(self, x: torch.Tensor, return_attn: bool = False):
@@ -81,17 +85,19 @@ class TransMIL(BagNet):
     zoo_capabilities = Capabilities(attention_maps=True, attention_weights=True, trainable_groups=True)
 
     def __init__(self, *, num_classes: int = 2, in_dim: int | None = None, in_chans: int = 1, dim: int = 512,
-                 heads: int = 8, dropout: float = 0.1):
+                 heads: int = 8, dropout: float = 0.1, num_landmarks: int | None = None):
         super().__init__()
         if dim % heads or dim < 2 * heads:
             raise ModelArgumentError(f"TransMIL: dim={dim} must be a multiple of heads={heads} (the official 512 / 8)")
+        if num_landmarks is not None and num_landmarks < 1:
+            raise ModelArgumentError(f"TransMIL: num_landmarks={num_landmarks}; give a positive count (default dim // 2)")
         feat = self._init_bag_input(in_dim, in_chans)
         self.num_classes = num_classes
         self._fc1 = nn.Sequential(nn.Linear(feat, dim), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.layer1 = TransLayer(dim, heads, dropout)
+        self.layer1 = TransLayer(dim, heads, dropout, num_landmarks)
         self.pos_layer = PPEG(dim)
-        self.layer2 = TransLayer(dim, heads, dropout)
+        self.layer2 = TransLayer(dim, heads, dropout, num_landmarks)
         self.norm = nn.LayerNorm(dim)
         self._fc2 = nn.Linear(dim, num_classes)
 

@@ -99,8 +99,10 @@ class ZooTask(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.net = net if net is not None else build_net(model, num_classes)
-        self.spec_defaults = self.defaults_for(_spec_of(self.net, model), (optim or {}).get("name"))
-        self.optim = {**DEFAULT_OPTIM, **self.spec_defaults, **(optim or {})}  # given > model's > task's > global
+        spec = _spec_of(self.net, model)
+        self.spec_defaults = self.defaults_for(spec)  # the model's own (over its task's), for the start-of-run line
+        # given > model's > task's > global; the model's lr / weight decay / betas only with its own optimizer
+        self.optim = {**DEFAULT_OPTIM, **self.defaults_for(spec, (optim or {}).get("name")), **(optim or {})}
         if freeze_backbone:
             freeze_backbone_of(self.net, self.task)
         self.num_classes = num_classes
@@ -291,18 +293,17 @@ class ZooTask(L.LightningModule):
         return param_groups_weight_decay(self.net, weight_decay, no_weight_decay_list=no_decay)
 
     def _log_optim_plan(self) -> None:
-        """One line at start: the optimizer settings and which of them are the model's own defaults."""
+        """One line at start: the optimizer settings, and the model's own defaults they fall back to."""
         if self._trainer is not None and not self._trainer.is_global_zero:
             return
-        o, keys = self.optim, ("name", "lr", "weight_decay", "betas", "scheduler", "warmup_epochs", "min_lr_ratio",
-                               "label_smoothing")
-        own = [k for k in keys if k in self.spec_defaults and _same(o.get(k), self.spec_defaults[k])]
+        keys = ("name", "lr", "weight_decay", "betas", "scheduler", "warmup_epochs", "min_lr_ratio", "label_smoothing")
         spec = getattr(self.net, "zoo_spec", None)
         name = spec.name if spec is not None else self.hparams["model"].get("name")
-        paper = spec.train_defaults if spec is not None and spec.train_defaults is not None else None
-        log.info("optim: %s%s%s", ", ".join(f"{k}={_short(o.get(k))}" for k in keys),
-                 f"; {', '.join(own)} from {name}'s training defaults (command line > recipe > model > optim/*.yaml)"
-                 if own else "", f"; the paper trains {paper.epochs} epochs" if paper and paper.epochs else "")
+        own = ", ".join(f"{k}={_short(self.spec_defaults[k])}" for k in keys if k in self.spec_defaults)
+        paper = spec.train_defaults if spec is not None else None
+        log.info("optim: %s%s%s", ", ".join(f"{k}={_short(self.optim.get(k))}" for k in keys),
+                 f" | {name}'s own defaults, for what the command line and the recipe leave unset: {own}" if own else "",
+                 f"; its paper trains {paper.epochs} epochs (trainer.max_epochs sets this run's)" if paper and paper.epochs else "")
 
     def _scaled_lr(self) -> float:
         """``optim.lr``, scaled by the effective batch when ``optim.lr_base_batch`` is set; logged once."""
