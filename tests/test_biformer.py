@@ -219,7 +219,9 @@ def test_contract_is_kept():
     """Capabilities declared; timm surface present (pretrained_cfg/default_cfg come from create_model)."""
     pending = {"lacks timm's pretrained_cfg", "lacks timm's default_cfg"}
     assert set(contract_violations(nano(), "classification")) <= pending
-    assert nano().zoo_capabilities.declared() == ["attention_maps"]
+    assert nano().zoo_capabilities.declared() == ["attention_maps", "bench_extras"]
+    extras = nano().bench_extras(64)  # the routed algorithm's count; stage 3 executes dense masked scores
+    assert 0 < extras["total_gmacs_analytic"] < extras["total_gmacs_executed"]
     seg = zoo.create_model("biformer_fpn_nano", num_classes=3)
     assert contract_violations(seg, "segmentation") == []
     assert set(seg.zoo_capabilities.declared()) == {"attention_maps", "trainable_groups"}

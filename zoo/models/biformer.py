@@ -149,6 +149,7 @@ class BiLevelRoutingAttention(nn.Module):
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         self.attn_impl = attn_impl  # not a parameter or buffer: the state-dict keys do not depend on it
+        self.auto_masked = True  # "gather" may run as "masked" (below); off: the routed algorithm as written
         if dim % num_heads:
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
         if not 0 < topk <= n_win * n_win:
@@ -199,7 +200,7 @@ class BiLevelRoutingAttention(nn.Module):
     def execution(self) -> str:
         """What ``forward`` runs: ``attn_impl``, except that "gather" becomes "masked" where routing keeps at
         least ``MASKED_FROM`` of the regions."""
-        if self.attn_impl == "gather" and self.topk >= MASKED_FROM * self.n_win ** 2:
+        if self.attn_impl == "gather" and self.auto_masked and self.topk >= MASKED_FROM * self.n_win ** 2:
             return "masked"
         return self.attn_impl
 
@@ -370,7 +371,28 @@ class Stage(nn.Module):
 class BiFormer(ZooModel, nn.Module):
     """BiFormer classifier with timm's model surface (see the module docstring) and ``attention_maps``."""
 
-    zoo_capabilities = Capabilities(attention_maps=True)
+    zoo_capabilities = Capabilities(attention_maps=True, bench_extras=True)
+
+    def bench_extras(self, img_size: int | None = None) -> dict:
+        """``total_gmacs_analytic``: the multiply-adds of bi-level routing attention as the paper counts them
+        (each query against its top-k routed regions only), counted with every layer on the gather path;
+        ``total_gmacs_executed``: what the default execution computes (dense masked scores where it runs
+        "masked", see ``MASKED_FROM``)."""
+        from ..bench import _count_gmacs
+
+        size = img_size or 224
+        bras = [m for m in self.modules() if isinstance(m, BiLevelRoutingAttention)]
+        stem = self.stem[0]
+        x = torch.empty(1, stem.in_channels, size, size, device=stem.weight.device)
+        executed = _count_gmacs(self, x)
+        for m in bras:
+            m.auto_masked = False
+        try:
+            analytic = _count_gmacs(self, x)
+        finally:
+            for m in bras:
+                m.auto_masked = True
+        return {"total_gmacs_analytic": round(analytic, 4), "total_gmacs_executed": round(executed, 4)}
 
     def __init__(
         self,
