@@ -121,10 +121,12 @@ class BagNet(ZooModel, nn.Module):
         out[..., rows, cols] = attn
         return out
 
-    def freeze_backbone(self) -> None:
-        """Freeze the instance encoder of image bags (``trainable_groups``); the MIL head keeps training."""
-        if self.encoder is not None:
-            self.encoder.requires_grad_(False)
+    def _freeze(self, *reduction: nn.Module) -> None:
+        """``freeze_backbone`` of a net with ``trainable_groups``: the instance encoder of image bags and the
+        net's feature reduction; the attention and the classifiers keep training."""
+        for m in (self.encoder, *reduction):
+            if m is not None:
+                m.requires_grad_(False)
 
 
 def stochastic_topk_mask(logits: torch.Tensor, valid: torch.Tensor | None, k: int, drop: float) -> torch.Tensor:
@@ -272,8 +274,7 @@ class ACMIL(BagNet):
 
     def freeze_backbone(self) -> None:
         """Freeze the instance encoder / dimension reduction; attention and classifiers keep training."""
-        super().freeze_backbone()
-        self.dimreduction.requires_grad_(False)
+        self._freeze(self.dimreduction)
 
 
 def square_grid(n: int, device=None):

@@ -162,6 +162,10 @@ class CLAMSB(BagNet):
     def get_classifier(self) -> nn.Module:
         return self.classifiers
 
+    def freeze_backbone(self) -> None:
+        """Freeze the instance encoder (image bags) and the feature reduction; the rest keeps training."""
+        self._freeze(self.attention_net[0])
+
 
 def checkpoint_filter(state_dict: dict, model: CLAMSB) -> dict:
     """Official CLAM checkpoints: the ``attention_net.module.`` of a DataParallel-wrapped attention net, and the

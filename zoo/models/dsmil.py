@@ -23,7 +23,8 @@ Choices and deviations (documented):
 - torchmil's ``DSMIL`` is binary (one logit, BCE) and picks the critical instance and the max-pooled score
   without the padding mask;
 - image bags ``[B, N, C, H, W]`` go through Ilse et al.'s LeNet encoder (500-d): the instance features;
-- official key names (``i_classifier.fc.0``, ``b_classifier.q``, ``b_classifier.fcc``) are the zoo's.
+- official key names (``i_classifier.fc.0``, ``b_classifier.q``, ``b_classifier.fcc``) are the zoo's;
+- no ``freeze_backbone``: DSMIL has no feature reduction of its own, the streams read the features directly.
 """
 from __future__ import annotations
 
@@ -82,8 +83,7 @@ class DSMIL(BagNet):
     """DSMIL. ``forward(x [B, N, D] or [B, N, C, H, W], mask [B, N]) -> bag logits [B, num_classes]``;
     ``forward_train(x, y, mask)`` adds the max-instance stream's loss."""
 
-    zoo_capabilities = Capabilities(own_objective=True, attention_maps=True, attention_weights=True,
-                                    trainable_groups=True)
+    zoo_capabilities = Capabilities(own_objective=True, attention_maps=True, attention_weights=True)
 
     def __init__(self, *, num_classes: int = 2, in_dim: int | None = None, in_chans: int = 1, q_dim: int = 128,
                  nonlinear: bool = True, passing_v: bool = False, dropout_v: float = 0.0):

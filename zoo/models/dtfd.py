@@ -168,6 +168,10 @@ class DTFDMIL(BagNet):
     def get_classifier(self) -> nn.Module:
         return self.att_classifier.classifier.fc
 
+    def freeze_backbone(self) -> None:
+        """Freeze the instance encoder (image bags) and the feature reduction; the rest keeps training."""
+        self._freeze(self.dim_reduction)
+
 
 @register_model(task="mil", input_size=(1, 28, 28), paper=PAPER, mean=(0.1307,), std=(0.3081,), license="mit",
                 source="hrzhang1123/DTFD-MIL Main_DTFD_MIL.py (4 pseudo-bags, AFS, 512-d)", paper_ids=("arXiv:2203.12081",),

@@ -144,6 +144,10 @@ class TransMIL(BagNet):
     def get_classifier(self) -> nn.Module:
         return self._fc2
 
+    def freeze_backbone(self) -> None:
+        """Freeze the instance encoder (image bags) and the feature reduction; the rest keeps training."""
+        self._freeze(self._fc1)
+
 
 def checkpoint_filter(state_dict: dict, model: TransMIL) -> dict:
     """The official Lightning checkpoint's ``model.`` prefix removed."""
