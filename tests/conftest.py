@@ -14,6 +14,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one thread per worker (and its subprocesses), no oversubscription
     os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.pop("COLUMNS", None)  # workers inherit an 80-column COLUMNS; the CLI's tables are tested as a pipe's
 
 import torch  # noqa: E402
 

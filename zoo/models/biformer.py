@@ -376,23 +376,26 @@ class BiFormer(ZooModel, nn.Module):
     def bench_extras(self, img_size: int | None = None) -> dict:
         """``total_gmacs_analytic``: the multiply-adds of bi-level routing attention as the paper counts them
         (each query against its top-k routed regions only), counted with every layer on the gather path;
-        ``total_gmacs_executed``: what the default execution computes (dense masked scores where it runs
-        "masked", see ``MASKED_FROM``)."""
+        ``total_gmacs_executed``: what the configured execution computes (dense masked scores where "gather"
+        runs as "masked", see ``MASKED_FROM``; None with "flex", which torch's FLOP counter cannot trace)."""
         from ..bench import _count_gmacs
 
         size = img_size or 224
-        bras = [m for m in self.modules() if isinstance(m, BiLevelRoutingAttention)]
         stem = self.stem[0]
         x = torch.empty(1, stem.in_channels, size, size, device=stem.weight.device)
-        executed = _count_gmacs(self, x)
+        bras = [m for m in self.modules() if isinstance(m, BiLevelRoutingAttention)]
+        flex = any(m.attn_impl == "flex" for m in bras)
+        executed = None if flex else _count_gmacs(self, x)
+        saved = [m.attn_impl for m in bras]
         for m in bras:
-            m.auto_masked = False
+            m.attn_impl, m.auto_masked = "gather", False
         try:
             analytic = _count_gmacs(self, x)
         finally:
-            for m in bras:
-                m.auto_masked = True
-        return {"total_gmacs_analytic": round(analytic, 4), "total_gmacs_executed": round(executed, 4)}
+            for m, impl in zip(bras, saved):
+                m.attn_impl, m.auto_masked = impl, True
+        return {"total_gmacs_analytic": round(analytic, 4),
+                "total_gmacs_executed": None if executed is None else round(executed, 4)}
 
     def __init__(
         self,
