@@ -96,6 +96,16 @@ def _bags(n: int, rng: np.random.Generator, dims: np.ndarray) -> list:
     return out
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the training runs (conftest sets two): on a shared CPU two threads of tiny ops
+    mostly wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def small_bags():
     rng = np.random.default_rng(0)
@@ -116,7 +126,7 @@ OPTIMIZER = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "lookahead_ra
 
 
 @pytest.mark.parametrize("name", MIL)
-def test_every_mil_model_learns_small_bags_from_its_defaults(small_bags, name):
+def test_every_mil_model_learns_small_bags_from_its_defaults(small_bags, one_thread, name):
     train, test, baseline = small_bags
     torch.manual_seed(0)
     task = MILTask(zoo.create_model(name, num_classes=2, in_dim=D, **SIZE.get(name, {})),
