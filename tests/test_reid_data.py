@@ -346,3 +346,15 @@ def test_msmt_val_list_and_veri_without_name_lists(tmp_path):
         f.unlink()
     rec = READERS["veri776"](root)  # the folders' *.jpg, as torchreid and TransReID read them
     assert _pc(rec.train) == exp["train"] and _pc(rec.gallery) == exp["gallery"]
+
+
+@pytest.mark.parametrize("data", ["digit_reid", "market1501", "veri776"])
+def test_reid_data_configs_pass_the_config_check_with_their_hw_size(data, compose_cfg):
+    """configs/data/*.yaml give img_size as [H, W]; the run's config check must accept it."""
+    from omegaconf import OmegaConf
+
+    from zoo.validate import check_run_config
+
+    cfg = compose_cfg("train", ["model=vit_nano", f"data={data}"])
+    check_run_config(OmegaConf.to_container(cfg, resolve=True), training=True)
+    assert len(cfg.data.img_size) == 2

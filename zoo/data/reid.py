@@ -270,11 +270,12 @@ class ReIDDataModule(ZooDataModule):
         erasing_prob: float = 0.5,
         combine_val: bool = True,
         bad_images: str | None = None,
+        img_size: int | list[int] | tuple[int, int] | None = None,  # [H, W] (an int: square)
         **common: Any,
     ) -> None:
-        if "img_size" in common and common["img_size"] is not None:
-            common["img_size"] = list(as_hw(common["img_size"]))
-        super().__init__(dataset=dataset, batch_size=batch_size, **common)
+        if img_size is not None:
+            img_size = list(as_hw(img_size))
+        super().__init__(dataset=dataset, batch_size=batch_size, img_size=img_size, **common)
         self._check_dataset()
         if num_instances < 1 or batch_size % num_instances or batch_size < num_instances:
             raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of num_instances "
