@@ -5,7 +5,6 @@ import json
 import math
 
 import pytest
-import torch
 from PIL import Image
 
 from zoo.__main__ import main
@@ -15,13 +14,7 @@ from zoo.errors import ZooError
 FAST = dict(batch_size=16, steps=2, warmup=1, workers=[0])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared machine two spinning OpenMP threads make these runs many times slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # see conftest
 
 
 def test_synthetic_jpegs_written_once_and_real(tmp_path):

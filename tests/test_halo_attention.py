@@ -17,14 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread for these small-op tests (restored after): on the shared 2-core machine the suite's two
-    threads made them ~20x slower (measured: 1.9 s vs 0.08 s CPU for one layer check)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # small ops: see conftest
 
 # halonet26t's three halo layers (at stride 16; the strided one into stride 32; at stride 32), at batch 1
 HALONET26T_LAYERS = [

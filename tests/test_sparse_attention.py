@@ -14,14 +14,7 @@ from zoo.models.sparsifiner import EXECUTIONS
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread for these small-op tests (restored after): on the shared 2-core machine the suite's two
-    threads made them ~20x slower (measured: 1.9 s vs 0.08 s CPU for one layer check)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # small ops: see conftest
 
 
 def nano(**kw):
