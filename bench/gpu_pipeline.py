@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from zoo.bench_pipeline import bench_pipeline, parse_size
 
-    register_deit_small()
+    if "deit_small" in a.models:  # only when asked: the registry is process-wide
+        register_deit_small()
     trainer = ["trainer=gpu"] if a.device == "cuda" else ["trainer=cpu"]
     runs = []
     for model in a.models:

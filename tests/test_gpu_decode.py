@@ -145,3 +145,7 @@ def test_prepared_gpu_pipeline_script_runs_both_decoders_on_cpu(tmp_path):
     runs = json.loads(out.read_text())["runs"]
     assert [r["gpu_decode"] for r in runs] == [False, True]
     assert all(r["data"] == "imagefolder" and r["loader"]["0"]["img_s"] > 0 and r["train_img_s"] > 0 for r in runs)
+    from zoo.registry import list_models
+
+    assert "deit_small" not in list_models(), "the benchmark reference leaked into the zoo's registry"
+
