@@ -1,9 +1,11 @@
 """MIL runs without a recipe train with their model's own (paper) defaults, not the image-classification
 optimiser: the precedence command line > recipe > model > optim/adamw.yaml, the optimizer a run builds, ACMIL's
-small-bag warning, and every registered MIL model learning a small-bag problem from its defaults."""
+small-bag warning, and every registered MIL model beating a pooled-feature logistic regression on small bags
+from its defaults."""
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import lightning as L
@@ -17,7 +19,7 @@ from timm.optim import Lookahead
 
 import zoo
 from zoo.data.bags import collate_bags
-from zoo.tasks.base import DEFAULT_OPTIM
+from zoo.tasks.base import DEFAULT_OPTIM, lr_lambda
 from zoo.tasks.mil import MILTask
 
 MIL = zoo.list_models(task="mil")
@@ -81,7 +83,17 @@ def test_acmil_warns_once_when_top_k_masking_would_hide_much_of_a_small_bag():
 
 
 # ------------------------------------------------------------------------------------------- learning
-D, CONCEPT, SHIFT = 512, 64, 6.0  # ResNet-18-sized post-ReLU features; positives raise 64 "concept" dims
+# The bags of the issue's failing run: 6-14 instances, 1-2 of them positive. The positive concept is weak and
+# spread over 64 of 512 post-ReLU dims, so that a logistic regression on mean + max pooled features stays well
+# short of perfect (0.72 AUROC) while a model reading the instances can find them.
+D, CONCEPT, SHIFT = 512, 64, 1.0
+LR_STEPS = 0.1  # every model trains until the sum of its per-step learning rates reaches this: equal progress
+# for a fast or a slow default (ABMIL's 5e-4 gets 200 steps, ACMIL's 1e-4 under a cosine to zero 2000)
+LOOKAHEAD_ALPHA = 0.5  # timm's Lookahead moves the weights this fraction of the inner optimizer's way
+MARGIN = 0.1  # the AUROC by which every model must beat the pooled logistic regression
+SIZE = {"transmil": dict(num_landmarks=8)}  # its official 256 would pad every bag to 256 tokens (the digit-bags recipe's 8)
+BATCH = {"transmil": 1}  # TransMIL trains one bag a step, as its official code; the others 4 bags a step
+OPTIMIZER = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "lookahead_radam": Lookahead}
 
 
 def _bags(n: int, rng: np.random.Generator, dims: np.ndarray) -> list:
@@ -96,16 +108,6 @@ def _bags(n: int, rng: np.random.Generator, dims: np.ndarray) -> list:
     return out
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread for the training runs (conftest sets two): on a shared CPU two threads of tiny ops
-    mostly wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def small_bags():
     rng = np.random.default_rng(0)
@@ -114,28 +116,31 @@ def small_bags():
     pool = lambda s: np.stack([np.concatenate([b.mean(0).numpy(), b.max(0).values.numpy()]) for b, _ in s])  # noqa: E731
     lr = LogisticRegression(max_iter=5000).fit(pool(train), [y for _, y in train])
     baseline = roc_auc_score([y for _, y in test], lr.predict_proba(pool(test))[:, 1])
+    assert 0.6 < baseline < 0.85, f"the fixture must leave the regression room to be beaten: {baseline:.3f}"
     return train, test, baseline
 
 
-MARGIN = 0.05  # AUROC below the pooled logistic regression a model may end, in this short run
-# (batch of bags, epochs of the 240 training bags): 4 bags a step for 4 epochs; TransMIL runs its bags one at a
-# time anyway (as its official code), one bag a step for one epoch
-BUDGET = {"transmil": (1, 1)}
-SIZE = {"transmil": dict(num_landmarks=8)}  # its official 256 would pad every bag to 256 tokens (the digit-bags recipe's 8)
-OPTIMIZER = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "lookahead_radam": Lookahead}
+def _steps(optim: dict) -> int:
+    """Optimizer steps until the summed learning rate reaches LR_STEPS, under the run's own schedule."""
+    mean = 1.0
+    if optim.get("scheduler") not in (None, "none"):
+        f = lr_lambda(optim, 1000, 1)
+        mean = sum(f(s) for s in range(1000)) / 1000
+    if optim["name"].startswith("lookahead"):
+        mean *= LOOKAHEAD_ALPHA
+    return math.ceil(LR_STEPS / (optim["lr"] * mean))
 
 
 @pytest.mark.parametrize("name", MIL)
-def test_every_mil_model_learns_small_bags_from_its_defaults(small_bags, one_thread, name):
+def test_every_mil_model_beats_a_pooled_logistic_regression_from_its_defaults(small_bags, one_intra_op_thread, name):
     train, test, baseline = small_bags
     torch.manual_seed(0)
     task = MILTask(zoo.create_model(name, num_classes=2, in_dim=D, **SIZE.get(name, {})),
                    model={"name": name, "kwargs": {}}, num_classes=2)  # no optim: the model's defaults
-    batch, epochs = BUDGET.get(name, (4, 4))
-    loader = torch.utils.data.DataLoader(train, batch_size=batch, shuffle=True, collate_fn=collate_bags,
+    loader = torch.utils.data.DataLoader(train, batch_size=BATCH.get(name, 4), shuffle=True, collate_fn=collate_bags,
                                          generator=torch.Generator().manual_seed(0))
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", barebones=True)
+    trainer = L.Trainer(max_steps=_steps(task.optim), max_epochs=-1, accelerator="cpu", barebones=True)
     with pytest.warns() if name == "acmil" else _nothing():  # ACMIL: its small-bag warning (tested above)
         trainer.fit(task, train_dataloaders=loader)
     own, opt = zoo.get_spec(name).train_defaults, trainer.optimizers[0]
@@ -146,7 +151,7 @@ def test_every_mil_model_learns_small_bags_from_its_defaults(small_bags, one_thr
     with torch.no_grad():
         x, mask, y = collate_bags(test)
         auroc = roc_auc_score(y.numpy(), task.net(x, mask).softmax(-1)[:, 1].numpy())
-    assert auroc >= baseline - MARGIN, f"{name}: test AUROC {auroc:.3f}, pooled logistic regression {baseline:.3f}"
+    assert auroc >= baseline + MARGIN, f"{name}: test AUROC {auroc:.3f}, pooled logistic regression {baseline:.3f}"
 
 
 class _nothing:
