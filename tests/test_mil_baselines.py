@@ -141,6 +141,25 @@ def test_pseudo_bags_are_array_splits_of_each_bags_real_instances():
     assert pseudo_bag_ids(valid, 4, random=False)[0, :8].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]  # eval: interleaved
 
 
+def test_dtfd_official_checkpoint_layout_loads(tmp_path):
+    """The official Main_DTFD_MIL.py saves a dict of the four modules' state dicts (its resume file adds the epoch
+    and both optimisers' states)."""
+    src = _net("dtfd", num_classes=2).eval()
+    parts = {"classifier": {}, "dim_reduction": {}, "attention": {}, "att_classifier": {}}
+    for k, v in src.state_dict().items():
+        part, key = k.split(".", 1)
+        parts[part][key] = v
+    opt = torch.optim.Adam(src.parameters())
+    torch.save({"epoch": 3, "optimizer_adam0": opt.state_dict(), **parts}, tmp_path / "DTFD_for_resume.pth")
+    net = zoo.create_model("dtfd", num_classes=2, in_dim=16, **SMALL["dtfd"],
+                           pretrained_file=str(tmp_path / "DTFD_for_resume.pth")).eval()
+    x, mask = _padded([6, 4])
+    torch.testing.assert_close(net(x, mask), src(x, mask))
+    torch.save({"attention": parts["attention"]}, tmp_path / "partial.pth")  # a part missing: an error naming keys
+    with pytest.raises(Exception, match="classifier"):
+        zoo.create_model("dtfd", num_classes=2, in_dim=16, **SMALL["dtfd"], pretrained_file=str(tmp_path / "partial.pth"))
+
+
 @pytest.mark.parametrize("distill", ["afs", "maxmins", "maxs"])
 def test_dtfd_tier_two_trains_on_its_own_loss_only(distill):
     net = _net("dtfd", num_classes=2, distill=distill).train()

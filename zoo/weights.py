@@ -112,12 +112,14 @@ def _fsync(path: Path) -> None:
 
 
 def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:
-    """Unwrap the usual containers (Lightning 'state_dict', official 'model', DDP 'module.')."""
+    """Unwrap the usual containers (Lightning 'state_dict', official 'model', DDP 'module.', a dict of module state
+    dicts)."""
     sd = obj
     for _ in range(3):
         if isinstance(sd, dict) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
             inner = next((sd[k] for k in _WRAPPERS if k in sd and isinstance(sd[k], dict)), None)
             if inner is None:
+                sd = _flatten_parts(sd)
                 break
             sd = inner
     if not isinstance(sd, dict) or not sd:
@@ -127,6 +129,15 @@ def extract_state_dict(obj: dict) -> dict[str, torch.Tensor]:
         if all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
+
+
+def _flatten_parts(obj: dict) -> dict:
+    """A dict of module state dicts (DTFD-MIL's official ``{"classifier": sd, "attention": sd, ...}``) as one state
+    dict with ``PART.`` prefixes, the names ``nn.Module`` gives submodules; other entries (epoch, optimizer states,
+    metrics) are left out. Anything else is returned as it is."""
+    parts = {k: v for k, v in obj.items()
+             if isinstance(v, dict) and v and all(isinstance(t, torch.Tensor) for t in v.values())}
+    return {f"{p}.{k}": t for p, sd in parts.items() for k, t in sd.items()} if parts else obj
 
 
 def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "weights") -> list[str]:

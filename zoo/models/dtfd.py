@@ -175,7 +175,7 @@ class DTFDMIL(BagNet):
 
 @register_model(task="mil", input_size=(1, 28, 28), paper=PAPER, mean=(0.1307,), std=(0.3081,), license="mit",
                 source="hrzhang1123/DTFD-MIL Main_DTFD_MIL.py (4 pseudo-bags, AFS, 512-d)", paper_ids=("arXiv:2203.12081",),
-                weights=Weights(note="train it"),
+                weights=Weights(note="train it; official checkpoints load (`pretrained_file=`)"),
                 train_defaults=TrainDefaults(name="adam", lr=1e-4, weight_decay=1e-4, betas=(0.9, 0.999), scheduler="none",
                                              warmup_epochs=0, min_lr_ratio=0.0, label_smoothing=0.0, epochs=200,
                                              source="hrzhang1123/DTFD-MIL Main_DTFD_MIL.py defaults"))
