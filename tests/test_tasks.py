@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from zoo.contract import Capabilities, ZooModel
 from zoo.tasks import ClassificationTask, MILTask, SegmentationTask
-from zoo.tasks.base import warmup_cosine
+from zoo.tasks.base import warmup_cosine, warmup_step
 from zoo.tasks.segmentation import scores_from_confusion
 
 
@@ -78,6 +78,38 @@ def test_scheduler_runs_per_step_inside_a_trainer(tmp_path):
     trainer.fit(task, DataLoader(data, batch_size=8))
     lr = trainer.optimizers[0].param_groups[0]["lr"]
     assert lr == pytest.approx(0.1 * warmup_cosine(8, 8, 4, 0.01, 0.01))
+
+
+def test_step_schedule_is_multistep_lr_at_fractions_of_the_run():
+    """scheduler="step" (DTFD-MIL's x0.2 at epoch 100 of 200): torch's MultiStepLR with milestones at those
+    fractions of the run's steps."""
+    p = nn.Parameter(torch.zeros(1))
+    ref = torch.optim.SGD([p], lr=1.0)
+    multistep = torch.optim.lr_scheduler.MultiStepLR(ref, [100, 150], gamma=0.2)
+    for s in range(200):
+        assert warmup_step(s, 200, 0, 0.01, [0.5, 0.75], 0.2) == pytest.approx(ref.param_groups[0]["lr"]), s
+        ref.step()
+        multistep.step()
+    assert warmup_step(0, 200, 10, 0.01, [0.5], 0.2) == pytest.approx(0.01)  # after a warmup, as the cosine's
+
+
+def test_step_schedule_and_unknown_schedulers_inside_a_trainer(tmp_path):
+    data = TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,)))
+    kw = dict(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0)
+    task = _task(NetWithObjective(), optim={"lr": 0.1, "warmup_epochs": 0, "scheduler": "step",
+                                            "lr_decay_at": [0.5], "lr_decay_rate": 0.2})
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    L.Trainer(callbacks=[Record()], **kw).fit(task, DataLoader(data, batch_size=8))
+    assert seen == pytest.approx([0.1] * 4 + [0.02] * 4)  # the drop at step 4 of 8, the start of epoch 2
+    task = _task(NetWithObjective(), optim={"scheduler": "linear"})
+    with pytest.raises(ValueError, match="optim.scheduler must be one of cosine, step, none"):
+        L.Trainer(**kw).fit(task, DataLoader(data, batch_size=8))
 
 
 def test_segmentation_scores_are_dataset_level():

@@ -85,6 +85,7 @@ class ZooModel:
     declared capabilities and the spec ``create_model`` attaches (``zoo_spec``)."""
 
     zoo_capabilities: ClassVar[Capabilities] = Capabilities()
+    zoo_spec: Any = None  # the ModelSpec create_model attaches; None for a net built from its class directly
     overlay_style: ClassVar[dict[str, Any]] = {}
     features_unsupported: ClassVar[str | None] = None  # why features_only cannot work, when it cannot
 
@@ -92,6 +93,11 @@ class ZooModel:
 def capabilities(net: nn.Module) -> Capabilities:
     """The capabilities ``net`` declares (none for a net from outside the zoo, e.g. a timm reference)."""
     return net.zoo_capabilities if isinstance(net, ZooModel) else Capabilities()
+
+
+def spec_of(net: nn.Module) -> Any:
+    """The spec ``create_model`` attached to ``net``; None for a net from outside the zoo or built directly."""
+    return net.zoo_spec if isinstance(net, ZooModel) else None
 
 
 def overlay_style(net: nn.Module) -> dict[str, Any]:

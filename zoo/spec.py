@@ -89,7 +89,8 @@ class Reference:
         return "; ".join(parts) or "-"
 
 
-OPTIM_KEYS = ("name", "lr", "weight_decay", "betas", "scheduler", "warmup_epochs", "min_lr_ratio", "label_smoothing")
+OPTIM_KEYS = ("name", "lr", "weight_decay", "betas", "scheduler", "warmup_epochs", "min_lr_ratio", "label_smoothing",
+              "lr_decay_at", "lr_decay_rate")
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,12 @@ class TrainDefaults:
     lr: float | None = None
     weight_decay: float | None = None
     betas: tuple[float, float] | None = None
-    scheduler: str | None = None  # "cosine" (per step, after warmup) or "none"
+    scheduler: str | None = None  # "cosine" (per step, after warmup), "step" or "none"
     warmup_epochs: float | None = None
     min_lr_ratio: float | None = None
     label_smoothing: float | None = None
+    lr_decay_at: tuple[float, ...] | None = None  # "step": the fractions of the run where the lr drops
+    lr_decay_rate: float | None = None  # "step": the factor of each drop
     epochs: int | None = None
     source: str = ""  # where the numbers come from
 

@@ -26,8 +26,8 @@ Choices and deviations (documented):
   groups``) instead of the official random one, so predictions are deterministic and a batch equals its bags
   one at a time;
 - the official per-module gradient clipping at 5 is the trainer's business (``trainer.gradient_clip_val=5``
-  clips all parameters together); the official lr decay (x0.2 at epoch 100 of 200) is not in the zoo's
-  schedulers, so the defaults keep the lr constant;
+  clips all parameters together); the official lr decay (x0.2 at epoch 100 of 200) is the defaults'
+  ``scheduler="step"`` at half of the run, whatever ``trainer.max_epochs`` is;
 - torchmil's ``DTFDMIL`` is binary (one logit, BCE), has no dimension reduction or gating, and its ``maxmin``
   distillation passes every instance of a pseudo-bag (twice) rather than the top and bottom one;
 - image bags ``[B, N, C, H, W]`` go through Ilse et al.'s LeNet encoder (500-d) before the reduction;
@@ -176,7 +176,8 @@ class DTFDMIL(BagNet):
 @register_model(task="mil", input_size=(1, 28, 28), paper=PAPER, mean=(0.1307,), std=(0.3081,), license="mit",
                 source="hrzhang1123/DTFD-MIL Main_DTFD_MIL.py (4 pseudo-bags, AFS, 512-d)", paper_ids=("arXiv:2203.12081",),
                 weights=Weights(note="train it; official checkpoints load (`pretrained_file=`)"),
-                train_defaults=TrainDefaults(name="adam", lr=1e-4, weight_decay=1e-4, betas=(0.9, 0.999), scheduler="none",
+                train_defaults=TrainDefaults(name="adam", lr=1e-4, weight_decay=1e-4, betas=(0.9, 0.999), scheduler="step",
+                                             lr_decay_at=(0.5,), lr_decay_rate=0.2,
                                              warmup_epochs=0, min_lr_ratio=0.0, label_smoothing=0.0, epochs=200,
                                              source="hrzhang1123/DTFD-MIL Main_DTFD_MIL.py defaults"))
 def dtfd(pretrained: bool = False, **kwargs) -> DTFDMIL:

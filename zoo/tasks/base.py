@@ -17,9 +17,10 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from ..contract import capabilities, no_weight_decay
+from ..contract import capabilities, no_weight_decay, spec_of
 from ..errors import NonFiniteError
 from ..registry import create_model
+from ..spec import OPTIM_KEYS
 from ..scale import compile_backend, effective_batch, lr_plan_line, optimizer_impl, scaled_lr, use_channels_last
 
 log = logging.getLogger("zoo.train")
@@ -27,11 +28,13 @@ log = logging.getLogger("zoo.train")
 DEFAULT_OPTIM = dict(
     name="adamw", lr=1e-3, weight_decay=0.05, momentum=0.9, betas=(0.9, 0.999),
     warmup_epochs=1.0, warmup_lr_ratio=0.01, min_lr_ratio=0.01, scheduler="cosine", label_smoothing=0.0,
+    lr_decay_at=(0.5,), lr_decay_rate=0.1,  # scheduler="step": lr x rate at each of these fractions of the run
     mixup_alpha=0.0, cutmix_alpha=0.0, mixup_prob=1.0, mixup_switch_prob=0.5,  # classification only (timm Mixup)
     accumulate=1, lr_base_batch=None,  # gradient accumulation; DeiT's lr x effective batch / lr_base_batch
 )
 # adamw and sgd are built here; the others are timm's (create_optimizer_v2) for the recipes that name them
 OPTIMIZERS = ("adamw", "sgd", "adam", "radam", "lookahead_radam")
+SCHEDULERS = ("cosine", "step", "none")
 OPTIMIZER_TIED = ("lr", "weight_decay", "betas")  # a model's values of these hold for its own optimizer only
 
 
@@ -61,9 +64,19 @@ def warmup_cosine(step: int, total: int, warmup: int, warmup_ratio: float, min_r
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def warmup_step(step: int, total: int, warmup: int, warmup_ratio: float, decay_at: list, rate: float) -> float:
+    """LR multiplier: linear warmup, then ``rate`` to the power of the milestones passed (fractions of ``total``),
+    as ``MultiStepLR`` with its milestones at those fractions of the run."""
+    if step < warmup:
+        return warmup_ratio + (1 - warmup_ratio) * step / max(1, warmup)
+    return float(rate) ** sum(step >= round(float(f) * total) for f in decay_at)
+
+
 def lr_lambda(o: dict, total: int, max_epochs: int | None):
     """The LR multiplier per optimizer step for ``total`` steps over ``max_epochs`` (warmup in epochs)."""
     warmup = int(total * float(o["warmup_epochs"]) / max(1, max_epochs or 1))
+    if o.get("scheduler") == "step":
+        return lambda s: warmup_step(s, total, warmup, o["warmup_lr_ratio"], list(o["lr_decay_at"]), o["lr_decay_rate"])
     return lambda s: warmup_cosine(s, total, warmup, o["warmup_lr_ratio"], o["min_lr_ratio"])
 
 
@@ -99,7 +112,7 @@ class ZooTask(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.net = net if net is not None else build_net(model, num_classes)
-        spec = _spec_of(self.net, model)
+        spec = self._spec = _spec_of(self.net, model)
         self.spec_defaults = self.defaults_for(spec)  # the model's own (over its task's), for the start-of-run line
         # given > model's > task's > global; the model's lr / weight decay / betas only with its own optimizer
         self.optim = {**DEFAULT_OPTIM, **self.defaults_for(spec, (optim or {}).get("name")), **(optim or {})}
@@ -279,6 +292,8 @@ class ZooTask(L.LightningModule):
         else:
             raise ValueError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {o['name']!r}")
         self._log_optim_plan()
+        if o.get("scheduler") not in (*SCHEDULERS, None):
+            raise ValueError(f"optim.scheduler must be one of {', '.join(SCHEDULERS)}, got {o['scheduler']!r}")
         if o.get("scheduler", "cosine") in (None, "none"):
             return opt
         # optimizer steps (Lightning divides by accumulate_grad_batches), and the scheduler steps with the optimizer
@@ -296,8 +311,9 @@ class ZooTask(L.LightningModule):
         """One line at start: the optimizer settings, and the model's own defaults they fall back to."""
         if self._trainer is not None and not self._trainer.is_global_zero:
             return
-        keys = ("name", "lr", "weight_decay", "betas", "scheduler", "warmup_epochs", "min_lr_ratio", "label_smoothing")
-        spec = getattr(self.net, "zoo_spec", None)
+        keys = OPTIM_KEYS if self.optim.get("scheduler") == "step" else tuple(
+            k for k in OPTIM_KEYS if not k.startswith("lr_decay"))
+        spec = self._spec
         name = spec.name if spec is not None else self.hparams["model"].get("name")
         own = ", ".join(f"{k}={_short(self.spec_defaults[k])}" for k in keys if k in self.spec_defaults)
         paper = spec.train_defaults if spec is not None else None
@@ -323,7 +339,7 @@ class ZooTask(L.LightningModule):
 def _spec_of(net: nn.Module, model: dict) -> Any:
     """The spec of the task's net: the one ``create_model`` attached, else the registry's for ``model['name']``
     (None for a net from outside the registry)."""
-    spec = getattr(net, "zoo_spec", None)
+    spec = spec_of(net)
     if spec is not None:
         return spec
     from ..errors import UnknownModelError
