@@ -1,6 +1,7 @@
 """Shared fixtures: the repo root on sys.path (train.py, evaluate.py) and composed Hydra configs."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -39,14 +40,30 @@ def compose(config_name: str, overrides: list[str], out_dir: Path):
     return cfg
 
 
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.fixture
 def one_intra_op_thread():
     """One intra-op thread for small-op tests (restored after): with two threads on a shared 2-core machine they
     ran ~20x slower (measured: 1.9 s vs 0.08 s CPU for one layer check)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with _intra_op_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread_per_module():
+    """``one_intra_op_thread`` for a whole test module (``pytestmark = pytest.mark.usefixtures(...)``), and for
+    module-scoped fixtures that train: bit-equal runs need the same thread count in every process."""
+    with _intra_op_threads(1):
+        yield
 
 
 @pytest.fixture

@@ -15,12 +15,7 @@ from zoo.runner import build_task, prepare_data
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread_per_module")
 
 
 def _nano(**kw):

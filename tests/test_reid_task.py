@@ -19,13 +19,7 @@ from zoo.validate import ConfigError
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one CPU thread (two threads on a shared, loaded 2-core machine spin ten times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread_per_module")
 
 
 # ----------------------------------------------------------------------------------------------- metrics

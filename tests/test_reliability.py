@@ -20,17 +20,11 @@ TINY = ["model=halonet_tiny", "data=digits", "data.batch_size=8", "trainer.max_e
         "+trainer.num_sanity_val_steps=0", "callbacks.rich_progress_bar=null", "callbacks.rich_model_summary=null"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Bit-equal runs need the same CPU thread count in every process (the killed subprocess: 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread_per_module")
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, one_thread):
+def reference(tmp_path_factory, one_intra_op_thread_per_module):
     """An uninterrupted run: its test metrics and final weights."""
     from conftest import compose
     from train import train

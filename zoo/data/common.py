@@ -10,7 +10,7 @@ import abc
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import numpy as np
@@ -285,6 +285,17 @@ class ZooDataModule(L.LightningDataModule):
         return self._loader(self.test_set, train=False)
 
 
+def skip_resumed(sampler: Any, order: list[int]) -> Iterator[int]:
+    """``order`` less the items a mid-epoch checkpoint had trained on: the sampler's ``_resume_position() ->
+    (epoch, skip)`` is asked once, at its first pass, and applies only when that pass is the checkpoint's epoch."""
+    if sampler._resume_position is not None:
+        epoch, skip = sampler._resume_position()
+        sampler._resume_position = None
+        if epoch == sampler.epoch:
+            order = order[skip:]
+    return iter(order)
+
+
 class EpochShuffleSampler(Sampler[int]):
     """A seeded shuffle whose order is a function of ``(seed, epoch)`` alone.
 
@@ -306,13 +317,7 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        if self._resume_position is not None:
-            epoch, skip = self._resume_position()
-            self._resume_position = None
-            if epoch == self.epoch:
-                order = order[skip:]
-        return iter(order)
+        return skip_resumed(self, torch.randperm(self.n, generator=g).tolist())
 
 
 class IndexedTensorDataset(Dataset):

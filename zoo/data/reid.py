@@ -28,7 +28,7 @@ from torchvision.transforms import v2
 
 from zoo.errors import DataFormatError, DatasetNotFoundError
 
-from .common import IMAGENET_MEAN, IMAGENET_STD, ZooDataModule, default_root
+from .common import IMAGENET_MEAN, IMAGENET_STD, ZooDataModule, default_root, skip_resumed
 from .folders import SkipsUnreadable, eval_policy, open_image, train_policy
 from .reid_datasets import LAYOUTS, READERS, ReIDRecords, render_digit_reid
 
@@ -118,13 +118,7 @@ class IdentitySampler(DistributedSampler):
         return out
 
     def __iter__(self):
-        order = np.concatenate(self.batches()).tolist() if self.steps else []
-        if self._resume_position is not None:
-            epoch, skip = self._resume_position()
-            self._resume_position = None
-            if epoch == self.epoch:
-                order = order[skip:]
-        return iter(order)
+        return skip_resumed(self, np.concatenate(self.batches()).tolist() if self.steps else [])
 
 
 class EvalSampler(DistributedSampler):
