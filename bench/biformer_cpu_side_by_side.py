@@ -32,7 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_attention  # noqa: E402  (its official-model loader)
 
-from zoo.models.biformer import ATTN_IMPLS, checkpoint_filter  # noqa: E402
+from zoo.layers.routing_attention import ATTN_IMPLS  # noqa: E402
+from zoo.models.biformer import checkpoint_filter  # noqa: E402
 from zoo.registry import create_model  # noqa: E402
 
 

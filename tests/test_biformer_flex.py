@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import zoo
-from zoo.models import biformer
-from zoo.models.biformer import BiLevelRoutingAttention
+from zoo.layers import routing_attention
+from zoo.layers.routing_attention import BiLevelRoutingAttention
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -34,7 +34,7 @@ def _pair(name: str, device: str = "cpu", **kw):
 # (12, 12) with 16: only the block padding
 @pytest.mark.parametrize("size, multiple", [((10, 13), 1), ((10, 13), 16), ((12, 12), 16)])
 def test_bra_flex_matches_gather(size, multiple, monkeypatch):
-    monkeypatch.setattr(biformer, "_flex_block_multiple", lambda device: multiple)
+    monkeypatch.setattr(routing_attention, "_flex_block_multiple", lambda device: multiple)
     torch.manual_seed(0)
     g = BiLevelRoutingAttention(dim=64, num_heads=2, n_win=4, topk=3)
     f = BiLevelRoutingAttention(dim=64, num_heads=2, n_win=4, topk=3, attn_impl="flex")

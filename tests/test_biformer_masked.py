@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import zoo
-from zoo.models import biformer
-from zoo.models.biformer import MASKED_FROM, BiLevelRoutingAttention
+from zoo.layers import routing_attention
+from zoo.layers.routing_attention import MASKED_FROM, BiLevelRoutingAttention
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # small ops: see conftest
@@ -22,7 +22,7 @@ def _pair(**kw):
 # (16, 16): no padding (the fused output add); (10, 13): padded on both sides (masked padded keys)
 @pytest.mark.parametrize("size", [(16, 16), (10, 13)])
 def test_masked_matches_gather_forward_and_grads(size, monkeypatch):
-    monkeypatch.setattr(biformer, "MASKED_FROM", 2.0)  # "gather" stays gather on every layer
+    monkeypatch.setattr(routing_attention, "MASKED_FROM", 2.0)  # "gather" stays gather on every layer
     g, m = _pair(dim=64, num_heads=2, n_win=4, topk=6)
     assert (g.execution(), m.execution()) == ("gather", "masked")
     x = torch.randn(2, *size, 64, requires_grad=True)
@@ -48,5 +48,5 @@ def test_nano_default_matches_all_gather(monkeypatch):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         want_masked = net(x)
-        monkeypatch.setattr(biformer, "MASKED_FROM", 2.0)
+        monkeypatch.setattr(routing_attention, "MASKED_FROM", 2.0)
         torch.testing.assert_close(want_masked, net(x), atol=1e-5, rtol=1e-5)
