@@ -106,6 +106,9 @@ def test_h5_group_label_past_class_count_names_group(tmp_path):
     ("+data.test_fraction=0.6", r"data.val_fraction=.* and data.test_fraction=0.6 leave nothing to train on"),
     ("optim.lr=0", r"optim.lr=0 is out of range; optim.lr must be > 0"),
     ("optim.lr=-0.001", r"optim.lr=-0.001 is out of range"),
+    ("optim.scheduler=linear", r"optim.scheduler='linear' is not valid; choose one of cosine, step, none"),
+    ("optim.lr_decay_at=[1.5]", r"optim.lr_decay_at=\[1.5\] is not valid; it takes a list of fractions"),
+    ("optim.lr_decay_rate=2", r"optim.lr_decay_rate=2 is out of range; optim.lr_decay_rate must be in \(0, 1\]"),
     ("trainer.max_epochs=0", r"trainer.max_epochs=0 is out of range; trainer.max_epochs must be >= 1, or -1"),
 ])
 def test_values_out_of_range_are_named_before_data_loads(override, message, compose_cfg, tmp_path):

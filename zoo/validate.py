@@ -177,6 +177,7 @@ RANGES: dict[tuple[str, str], tuple[Callable[[float], bool], str]] = {
     ("optim", "warmup_lr_ratio"): _at_least(0),
     ("optim", "min_lr_ratio"): _at_least(0),
     ("optim", "label_smoothing"): FRACTION,
+    ("optim", "lr_decay_rate"): ((lambda v: 0 < v <= 1), "in (0, 1]"),
     ("optim", "accumulate"): _at_least(1),
     ("optim", "lr_base_batch"): _at_least(1),
 }
@@ -240,7 +241,7 @@ def check_run_config(cfg: dict[str, Any], *, training: bool = True) -> None:
     check_ranges("trainer", trainer)
 
     if training and cfg.get("optim") is not None:
-        from .tasks.base import DEFAULT_OPTIM, OPTIMIZERS
+        from .tasks.base import DEFAULT_OPTIM, OPTIMIZERS, SCHEDULERS
 
         for key, value in dict(cfg["optim"]).items():
             if key not in DEFAULT_OPTIM and key != "nesterov":
@@ -248,6 +249,12 @@ def check_run_config(cfg: dict[str, Any], *, training: bool = True) -> None:
             default = DEFAULT_OPTIM.get(key)
             if key == "name":
                 check_choice("optim", "name", str(value).lower(), OPTIMIZERS)
+            elif key == "scheduler":
+                check_choice("optim", "scheduler", "none" if value is None else value, SCHEDULERS)
+            elif key == "lr_decay_at" and (isinstance(value, (str, bytes)) or not all(
+                    isinstance(f, (int, float)) and not isinstance(f, bool) and 0 <= f <= 1 for f in value)):
+                raise ConfigError(f"optim.lr_decay_at={value!r} is not valid; it takes a list of fractions of the run "
+                                  "in [0, 1] (e.g. [0.5]: the lr drops at half of trainer.max_epochs)")
             elif key == "lr_base_batch" and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"optim.lr_base_batch={value!r} has the wrong type; it takes null or an int "
                                   "(the batch optim.lr is given for)")
