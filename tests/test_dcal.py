@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 import zoo
-from zoo.models.dcal import _bar, rollout_cls_row
+from zoo.layers.cross_attention import residual_attention, rollout_cls_row
 from conftest import count_saved_tensors
 
 
@@ -38,8 +38,8 @@ def test_rollout_rows_sum_to_one_and_fast_class_row_matches():
     o = m._run(x)
     torch.testing.assert_close(o["rollout"], r[:, 0], atol=1e-6, rtol=1e-5)  # row-vector propagation
     s = torch.softmax(torch.randn(3, 5, 5), -1)
-    torch.testing.assert_close(_bar(s), 0.5 * s + 0.5 * torch.eye(5))
-    torch.testing.assert_close(rollout_cls_row([s, s]), (_bar(s) @ _bar(s))[:, 0])
+    torch.testing.assert_close(residual_attention(s), 0.5 * s + 0.5 * torch.eye(5))
+    torch.testing.assert_close(rollout_cls_row([s, s]), (residual_attention(s) @ residual_attention(s))[:, 0])
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 1.0])

@@ -10,7 +10,8 @@ import torch
 
 import zoo
 from zoo.data import ReIDDataModule
-from zoo.models.dcal import DCALBlock, checkpoint_filter_fn
+from zoo.layers.cross_attention import DCALBlock
+from zoo.models.dcal import checkpoint_filter_fn
 from zoo.runner import build_task, prepare_data
 
 
