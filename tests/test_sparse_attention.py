@@ -9,7 +9,7 @@ import torch
 import zoo
 from zoo.layers.sparse_attention import (gather_attention, masked_dense_attention, sdpa_masked_attention,
                                          topk_indices_nonneg)
-from zoo.models.sparsifiner import EXECUTIONS
+from zoo.layers.sparsifiner_attention import EXECUTIONS
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

@@ -393,10 +393,10 @@ def test_grad_checkpointing_is_real_and_exact(tmp_path, phase, prune, arch):
         torch.testing.assert_close(g1[k], g0[k], atol=1e-5, rtol=1e-5)
     assert s1 < s0 / 2, (s1, s0)
 
-    from zoo.models.sparsifiner import _Ctx
+    from zoo.layers.sparsifiner_attention import SparseContext
 
     m.train().zero_grad()
-    ctx = _Ctx(mode="recon" if phase == "predictor" else "sparse", record_attn=phase == "predictor", record_idx=True)
+    ctx = SparseContext(mode="recon" if phase == "predictor" else "sparse", record_attn=phase == "predictor", record_idx=True)
     out = m.forward_features(x, ctx)
     lengths = [len(ctx.approx), len(ctx.attn), len(ctx.idx), len(ctx.keeps)]
     (out.sum() + sum(a.sum() for a in ctx.approx)).backward()
