@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -133,7 +134,11 @@ def _fit_and_test(cfg: DictConfig, ckpt_path: str | None, out_dir: Path) -> dict
     callbacks = build_callbacks(cfg, task.monitor, task.monitor_mode) + reliability_callbacks()
     trainer = L.Trainer(**trainer_kwargs(cfg), callbacks=callbacks, logger=build_loggers(cfg) or False,
                         default_root_dir=str(out_dir), plugins=[AtomicCheckpointIO()])
-    trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    with warnings.catch_warnings():
+        # the zoo's training samplers skip the batches a mid-epoch checkpoint had trained on (tested bit-equal),
+        # which Lightning cannot see and warns about
+        warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
+        trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     if not cfg.get("test", True):
         return {}
 

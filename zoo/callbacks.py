@@ -88,7 +88,7 @@ class CheckpointOnInterrupt(L.Callback):
         if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or trainer.state.fn != TrainerFn.FITTING:
             return
         path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(str(path))
+        trainer.save_checkpoint(str(path), weights_only=False)  # the full state: optimizer, loops, callbacks
         if trainer.is_global_zero:
             log.warning("interrupted (%s) at step %d: saved %s; resume with ckpt_path=%s",
                         type(exception).__name__, trainer.global_step, path, path)
