@@ -125,6 +125,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 def _evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     task = load_task(cfg.ckpt_path)
     check_model_matches(cfg, task.hparams.model["name"])
+    if cfg.get("reid"):  # +reid.re_ranking=true etc.: evaluation options over the checkpoint's
+        if task.task != "reid":
+            raise ZooError(f"reid.* options are for Re-ID checkpoints; {cfg.ckpt_path} is a {task.task} checkpoint")
+        task.set_eval_options(OmegaConf.to_container(cfg.reid, resolve=True))
     # how to run the net, not what it is: trainer.compile and model.channels_last apply as in train.py
     task.set_runtime(channels_last=(cfg.get("model") or {}).get("channels_last", False),
                      compile=cfg.trainer.get("compile", False))

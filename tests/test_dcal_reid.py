@@ -146,6 +146,14 @@ def test_the_digit_reid_demo_trains_in_process_and_evaluates_with_pictures(compo
                                     "callbacks.rich_progress_bar=null"], out_dir=tmp_path / "eval")
     again = evaluate(ecfg)
     assert again == pytest.approx(metrics, abs=1e-6)
+    reranked = evaluate(compose_cfg("evaluate", ["data=digit_reid", "data.img_size=null", f"ckpt_path={best}",
+                                                 "+reid.re_ranking=true", "+reid.re_ranking_k1=20", "+reid.re_ranking_k2=6",
+                                                 "callbacks.rich_progress_bar=null"], out_dir=tmp_path / "eval_rr"))
+    assert set(reranked) == set(metrics) and reranked["test/map"] != pytest.approx(metrics["test/map"], abs=1e-6)
+    assert all(0 <= v <= 1 for v in reranked.values())
+    with pytest.raises(Exception, match="reid.triplet_margin is a training option"):
+        evaluate(compose_cfg("evaluate", ["data=digit_reid", "data.img_size=null", f"ckpt_path={best}",
+                                          "+reid.triplet_margin=0.5"], out_dir=tmp_path / "eval_bad"))
     drawn = sorted(p.name for p in (tmp_path / "maps").glob("*.png"))
     assert len(drawn) == 6 and any("glca_queries" in n for n in drawn) and any("rollout" in n for n in drawn)
 

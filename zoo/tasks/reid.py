@@ -28,7 +28,9 @@ with ``feat_norm`` (TransReID's ``TEST.NECK_FEAT`` / ``TEST.FEAT_NORM``); retrie
 the datamodule's ``split_sizes(stage)``: a metric over part of a split is an error, not a number. Under DDP
 every rank evaluates the whole split (``zoo.data.ReIDDataModule``'s ``EvalSampler``: retrieval needs every
 query against every gallery item) and computes the same metrics; nothing is gathered, and a loader sharded
-across ranks fails the count check. No re-ranking.
+across ranks fails the count check. ``re_ranking=True`` (TransReID's ``TEST.RE_RANKING``) ranks the test split
+by k-reciprocal re-ranked distances (``zoo.reid_metrics.re_ranking``, squared Euclidean on the test features,
+``k1=50, k2=15, lambda=0.3`` by default); validation, the monitor, keeps the plain ranking, as TransReID's.
 
 Options (``reid:`` in a run's config, defaults in :data:`DEFAULT_REID` = TransReID's ``config/defaults.py``;
 its ViT recipes, ``configs/*/vit_base.yml``, set ``NO_MARGIN: True`` and ``NECK_FEAT: 'before'``). Not
@@ -47,7 +49,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from ..contract import capabilities, no_weight_decay
-from ..reid_metrics import DISTANCES, retrieval_metrics
+from ..reid_metrics import DISTANCES, re_ranking, retrieval_metrics
 from ..validate import ConfigError
 from .base import ZooTask
 
@@ -59,7 +61,13 @@ DEFAULT_REID: dict[str, Any] = dict(
     triplet_margin=0.3,       # SOLVER.MARGIN; null: soft margin (MODEL.NO_MARGIN: True)
     id_loss_weight=1.0,       # MODEL.ID_LOSS_WEIGHT
     triplet_loss_weight=1.0,  # MODEL.TRIPLET_LOSS_WEIGHT
+    re_ranking=False,         # TEST.RE_RANKING: k-reciprocal re-ranking of the test distances (zoo.reid_metrics)
+    re_ranking_k1=50,         # TransReID's processor: re_ranking(qf, gf, k1=50, k2=15, lambda_value=0.3)
+    re_ranking_k2=15,
+    re_ranking_lambda=0.3,
 )
+# the options that change evaluation only: evaluate.py takes them over a checkpoint's (+reid.KEY=VALUE)
+EVAL_OPTIONS = ("neck_feat", "feat_norm", "distance", "re_ranking", "re_ranking_k1", "re_ranking_k2", "re_ranking_lambda")
 CHOICES = {"neck": ("bnneck", "none"), "neck_feat": ("before", "after"), "distance": DISTANCES}
 STAGES = ("val", "test")
 
@@ -74,8 +82,15 @@ def check_reid_options(options: dict | None) -> dict[str, Any]:
     for key, choices in CHOICES.items():
         if out[key] not in choices:
             raise ConfigError(f"reid.{key}={out[key]!r} is not valid; choose one of {', '.join(choices)}")
-    if not isinstance(out["feat_norm"], bool):
-        raise ConfigError(f"reid.feat_norm={out['feat_norm']!r} has the wrong type; it takes true or false")
+    for key in ("feat_norm", "re_ranking"):
+        if not isinstance(out[key], bool):
+            raise ConfigError(f"reid.{key}={out[key]!r} has the wrong type; it takes true or false")
+    for key in ("re_ranking_k1", "re_ranking_k2"):
+        if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
+            raise ConfigError(f"reid.{key}={out[key]!r}: give an integer >= 1")
+    lam = out["re_ranking_lambda"]
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam <= 1:
+        raise ConfigError(f"reid.re_ranking_lambda={lam!r}: give a number in [0, 1]")
     m = out["triplet_margin"]
     if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or m < 0):
         raise ConfigError(f"reid.triplet_margin={m!r}: give a margin >= 0, or null for the soft margin")
@@ -183,6 +198,14 @@ class ReIDTask(ZooTask):
         self.heads = nn.ModuleDict({h: ReIDHead(dim, self.num_ids, neck) for h, dim in train_heads.items()})
         self._parts: dict[str, torch.Tensor] = {}
 
+    def set_eval_options(self, options: dict[str, Any]) -> None:
+        """Evaluation options (:data:`EVAL_OPTIONS`) over the checkpoint's, e.g. re-ranking a trained model's
+        test split; a training option here is an error (it would not change what the checkpoint learned)."""
+        training = sorted((set(options) & set(DEFAULT_REID)) - set(EVAL_OPTIONS))
+        if training:
+            raise ConfigError(f"reid.{training[0]} is a training option; evaluation takes {', '.join(EVAL_OPTIONS)}")
+        self.reid = check_reid_options({**self.reid, **options})
+
     def make_metrics(self) -> nn.Module:
         return ReIDFeatures()
 
@@ -270,9 +293,13 @@ class ReIDTask(ZooTask):
         f = items["feats"]
         if self.reid["feat_norm"]:
             f = F.normalize(f, dim=1)
+        r = self.reid
+        # re-ranking only where it is reported: the validation monitor stays the plain ranking, as TransReID's
+        distmat = (re_ranking(f[q], f[~q], r["re_ranking_k1"], r["re_ranking_k2"], r["re_ranking_lambda"])
+                   if r["re_ranking"] and stage == "test" else None)
         try:
             out = retrieval_metrics(f[q], f[~q], items["pids"][q], items["pids"][~q], items["camids"][q],
-                                    items["camids"][~q], distance=self.reid["distance"])
+                                    items["camids"][~q], distance=r["distance"], distmat=distmat)
         except ValueError:
             if partial:  # fast_dev_run: a batch or two need not hold a query with a match
                 return {}
