@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import zoo
+from zoo.contract import capabilities
 
 
 def smallest_input(spec):
@@ -33,7 +34,7 @@ def test_forward_backward_all_params_get_grads(name):
     assert out.shape == expected
     assert torch.isfinite(out).all()
     loss = out.float().square().mean()
-    if hasattr(net, "forward_train"):
+    if capabilities(net).own_objective:  # the contract says whether the net has its own forward_train
         y = torch.randint(0, num_classes, expected[:1] if spec.task != "segmentation" else (2, *x.shape[-2:]))
         _, losses = net.forward_train(x, y, **({"mask": mask} if spec.task == "mil" else {}))
         loss = loss + sum(losses.values())
