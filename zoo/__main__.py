@@ -292,7 +292,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         with torch.no_grad():
             maps = net.attention_maps(x, top_traits=args.top_traits) if args.top_traits else net.attention_maps(x)
             # a net without classifier (a Re-ID checkpoint's feature extractor) has no class to name
-            logits = net(x) if spec.task == "classification" and getattr(net, "num_classes", 0) else None
+            logits = net(x) if spec.task == "classification" and net.num_classes else None
         if not isinstance(maps, dict) or not maps:
             raise ZooError(f"{name}.attention_maps(x) returned {type(maps).__name__}, not a dict of [B, K, h, w] maps")
         titles = [p.name for p in chunk]
@@ -490,9 +490,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from .results import results, table
-
-    from .results import summary_table
+    from .results import results, summary_table, table
 
     metrics = [m for m in (args.metrics or "").split(",") if m] or None
     r = results(args.dir, metric=args.metric, x=args.x, out=args.out, metrics=metrics)

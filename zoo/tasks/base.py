@@ -351,14 +351,6 @@ def _spec_of(net: nn.Module, model: dict) -> Any:
         return None
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
-    return a == b
-
-
 def _short(v: Any) -> str:
     return f"({', '.join(_short(x) for x in v)})" if isinstance(v, (list, tuple)) else f"{v:g}" if isinstance(
         v, float) else str(v)

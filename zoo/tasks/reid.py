@@ -176,7 +176,7 @@ class ReIDTask(ZooTask):
         if num_ids is None:  # built for a run: num_classes counts the training identities
             num_ids, num_classes = int(num_classes), 0
         reid = check_reid_options(reid)  # the saved hyper-parameters hold every option
-        if net is not None and getattr(net, "num_classes", 0):
+        if net is not None and net.num_classes:  # the classification contract's (timm's) attribute
             net.reset_classifier(0)  # the identity classifiers are the task's (after the BNNeck)
         super().__init__(net, model=model, num_classes=num_classes, optim=optim, data_info=data_info)
         self.reid, self.num_ids = reid, int(num_ids)
